@@ -1,0 +1,3 @@
+"""diffcli — one command-line toolkit for diffusion models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,219 @@
+"""The `diffcli` command line (typer): parse, load, call an engine, map errors to exit codes. Thin by design.
+
+Exit codes: 0 ok · 1 runtime failure · 2 bad input (one line `error: …`) · 130 SIGINT · 143 SIGTERM.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import DiffcliError, UserError
+
+app = typer.Typer(
+    name="diffcli", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    help="One toolkit for diffusion models: [bold]train[/] → [bold]sample[/] (and, as they land: distill, "
+         "eval-fid, encode).\n\nQuick start:  [cyan]diffcli train recipes/digits.toml --out runs/digits[/] then "
+         "[cyan]diffcli sample runs/digits/last.safetensors --out samples/digits[/]",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"diffcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """diffcli: train, sample, distill, evaluate and invert diffusion models."""
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _table(title: str, rows: list[tuple[str, str]]):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+@app.command()
+def train(
+    recipe: Optional[Path] = typer.Argument(None, help="TOML recipe (optional with --resume: the run's own)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/RECIPE_NAME]."),
+    set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set train.lr=1e-3."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Override train.max_steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over in an --out that already holds a run."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N [default: recipe]."),
+) -> None:
+    """Train a denoiser from a recipe; writes checkpoints, grids and metrics.csv into the run folder.
+
+    Examples:
+
+      diffcli train recipes/digits.toml --out runs/digits
+
+      diffcli train recipes/digits.toml --set train.lr=2e-3 --max-steps 500 --out runs/try
+
+      diffcli train --out runs/digits --resume
+    """
+    from .recipes import load_recipe
+    from .train import train as run_train
+
+    if max_steps is not None and max_steps < 1:
+        raise UserError(f"--max-steps {max_steps}: must be ≥ 1")
+    if recipe is None:
+        if not (resume and out is not None):
+            raise UserError("train needs a RECIPE (or --out RUN --resume to continue a run with its own recipe)")
+        recipe = out / "recipe.toml"
+    overrides = list(set_) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
+    rec = load_recipe(recipe, overrides)
+    out = out or Path("runs") / (rec.name or recipe.stem)
+    con = _console()
+    res = run_train(rec, out, resume=resume, force=force, device=device, log=con.print)
+    con.print(_table("diffcli train", [
+        ("run folder", str(res.out)), ("steps", str(res.step)), ("stopped by", res.stopped_by),
+        ("last loss", f"{res.last_loss:.5f}"), ("images/s", f"{res.images_per_s:.0f}"),
+        ("parameters", f"{res.parameters:,}"), ("wall-clock", f"{res.seconds:.1f} s"),
+        ("checkpoint", str(res.out / "last.safetensors")),
+    ]))
+
+
+@app.command()
+def sample(
+    checkpoint: Optional[Path] = typer.Argument(None, help="A diffcli .safetensors checkpoint."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name (see --list) [default: recipe]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: recipe]."),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser-call budget; chooses --steps to fit."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="karras | logsnr | uniform | linear."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM stochasticity η in [0, 1]."),
+    cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale (1 = none)."),
+    class_id: Optional[int] = typer.Option(None, "--class", help="Class id for every image [default: cycle]."),
+    n: int = typer.Option(64, "--n", help="Number of images."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per batch (results do not depend on it)."),
+    seed: int = typer.Option(0, "--seed", help="Run seed; image i depends only on (seed, i)."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Sample folder."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a sample folder that already holds samples."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    list_: bool = typer.Option(False, "--list", help="List the samplers and exit."),
+) -> None:
+    """Sample images from a checkpoint into a sample folder (grid.png, images/, sample.json).
+
+    Examples:
+
+      diffcli sample runs/digits/last.safetensors --sampler ddim --steps 50 --cfg 2 --out samples/digits
+
+      diffcli sample ckpt.safetensors --sampler ddpm --steps 1000 --class 3 --n 16 --out samples/threes
+    """
+    from .samplers import SAMPLER_INFO
+
+    if list_:
+        from rich.table import Table
+
+        table = Table(title="samplers")
+        for col in ("name", "order", "stochastic", "NFE for N steps", "default schedule", "what"):
+            table.add_column(col)
+        for info in SAMPLER_INFO.values():
+            table.add_row(info.name, str(info.order), "yes" if info.stochastic else "no",
+                          "2N-1" if info.name == "heun" else "N", info.default_schedule, info.description)
+        from rich.console import Console
+
+        Console().print(table)
+        return
+    if checkpoint is None:
+        raise UserError("sample needs a CHECKPOINT (a .safetensors file)")
+    from .checkpoint import load_checkpoint
+    from .generate import SampleSettings, generate, validate_settings, write_sample_folder
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    ck = load_checkpoint(checkpoint, dev)
+    rs = ck.recipe.sample
+    name = sampler or rs.sampler
+    if name not in SAMPLER_INFO:
+        raise UserError(f"--sampler {name!r}: unknown; choose one of {', '.join(SAMPLER_INFO)}")
+    if nfe is not None:
+        if steps is not None:
+            raise UserError("give --steps or --nfe, not both")
+        if nfe < 1:
+            raise UserError(f"--nfe {nfe}: must be ≥ 1")
+        steps = SAMPLER_INFO[name].steps_for_nfe(nfe)
+        if steps < 1:
+            raise UserError(f"--nfe {nfe}: too small for {name} (one step costs {SAMPLER_INFO[name].nfe(1)})")
+    steps = steps if steps is not None else rs.steps
+    if steps < 1:
+        raise UserError(f"--steps {steps}: must be ≥ 1")
+    s = SampleSettings(sampler=name, steps=steps, schedule=schedule or rs.schedule, eta=eta, cfg=cfg,
+                       class_id=class_id, n=n, batch_size=batch_size, seed=seed)
+    validate_settings(s, ck.denoiser.num_classes)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {str(out)!r} is not empty; choose another folder or pass --force to overwrite")
+    images, record = generate(ck.denoiser, ck.channels, ck.resolution, s, device=dev)
+    write_sample_folder(out, images, record, s, ck, dev)
+    _console().print(_table("diffcli sample", [
+        ("images", f"{len(images)} → {out / 'images'}"), ("grid", str(out / "grid.png")),
+        ("sampler", f"{record['sampler']} ({record['schedule']}, {record['steps']} steps)"),
+        ("NFE", f"{record['nfe']} (network evaluations {record['network_evaluations']})"),
+        ("seconds", f"{record['seconds']:.2f}"),
+    ]))
+
+
+def _click_exceptions():
+    """Typer ≥ 0.22 vendors click privately; older versions use click itself."""
+    try:
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        import click.exceptions as cx
+    return cx
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: runs the app and maps every error to its exit code and one line."""
+    cx = _click_exceptions()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        rc = app(args=argv, prog_name="diffcli", standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
+    except DiffcliError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except cx.NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx else "", file=sys.stderr)
+        return 0
+    except cx.UsageError as e:
+        if debug:
+            raise
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        return 2
+    except (typer.Exit, getattr(cx, "Exit", typer.Exit)) as e:
+        return e.exit_code
+    except (typer.Abort, getattr(cx, "Abort", typer.Abort)):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1

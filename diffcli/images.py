@@ -1,0 +1,59 @@
+"""Image grids and PNG I/O. Images are float tensors in [-1, 1] shaped (B, C, H, W) with C = 1 or 3."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import atomic_write_bytes
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] float (B, C, H, W) -> uint8 (B, C, H, W), rounded to nearest."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def png_bytes(img: Tensor) -> bytes:
+    """uint8 (C, H, W) -> PNG bytes (greyscale for C = 1)."""
+    from PIL import Image
+
+    arr = img.permute(1, 2, 0).numpy()
+    im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_grid(images: Tensor, nrow: int | None = None, padding: int = 1, upscale: int | None = None) -> Tensor:
+    """uint8 grid (C, H', W') of a batch; small images are enlarged (nearest) so a grid is visible."""
+    from torchvision.utils import make_grid as tv_grid
+
+    u8 = to_uint8(images)
+    if upscale is None:
+        upscale = max(1, 32 // u8.shape[-1])
+    if upscale > 1:
+        u8 = u8.repeat_interleave(upscale, -1).repeat_interleave(upscale, -2)
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(u8))))
+    grid = tv_grid(u8, nrow=nrow, padding=padding, pad_value=0)
+    return grid[:1] if u8.shape[1] == 1 else grid
+
+
+def save_grid(path: str | Path, images: Tensor, nrow: int | None = None) -> None:
+    atomic_write_bytes(path, png_bytes(make_grid(images, nrow)))
+
+
+def save_png(path: str | Path, image: Tensor) -> None:
+    """One [-1, 1] image (C, H, W) as PNG."""
+    atomic_write_bytes(path, png_bytes(to_uint8(image[None])[0]))
+
+
+def load_png_uint8(path: str | Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im)

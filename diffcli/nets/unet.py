@@ -1,0 +1,184 @@
+"""ADM-style UNet (Dhariwal & Nichol 2021, as re-implemented in EDM's `DhariwalUNet`).
+
+The network knows nothing of diffusion: it maps (input image, a scalar noise condition, a class id) to an
+output image of the same shape. The denoiser wrapper (diffcli.denoiser) owns every scaling.
+
+Shapes: x (B, C_in, H, W) float32; c_noise (B,) float32; class_labels (B,) int64 in [0, num_classes]
+where id `num_classes` is the "null" class used for classifier-free guidance; returns (B, C_out, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm groups: 32 as in ADM, fewer for the narrow layers of small models (≥ 4 channels a group)."""
+    g = min(32, max(1, channels // 4))
+    while channels % g:
+        g -= 1
+    return g
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero-initialise the last layer of a residual branch so every block starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding of a scalar (Vaswani et al. 2017; DDPM's timestep embedding)."""
+
+    def __init__(self, dim: int, max_period: float = 10000.0) -> None:
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, c: Tensor) -> Tensor:  # (B,) -> (B, dim)
+        args = c.float()[:, None] * self.freqs[None]
+        return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of a scalar (Tancik et al. 2020; NCSN++/EDM use scale 16).
+    The frequencies are a persistent buffer drawn from a fixed seed so checkpoints carry them."""
+
+    def __init__(self, dim: int, scale: float = 16.0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("freqs", torch.randn(dim // 2, generator=g) * scale)
+
+    def forward(self, c: Tensor) -> Tensor:  # (B,) -> (B, dim)
+        args = (2 * math.pi) * c.float()[:, None] * self.freqs[None]
+        return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv, then scale-shift conditioning on the embedding (ADM's "adaptive GroupNorm"),
+    SiLU → dropout → conv (zero-initialised); optional 2× down/up-sampling of both paths."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, resample: str | None = None) -> None:
+        super().__init__()
+        self.resample = resample
+        self.norm0 = nn.GroupNorm(_groups(cin), cin)
+        self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.affine = nn.Linear(emb_dim, 2 * cout)
+        self.norm1 = nn.GroupNorm(_groups(cout), cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def _resample(self, h: Tensor) -> Tensor:
+        if self.resample == "down":
+            return F.avg_pool2d(h, 2)
+        if self.resample == "up":
+            return F.interpolate(h, scale_factor=2.0, mode="nearest")
+        return h
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = F.silu(self.norm0(x))
+        h = self.conv0(self._resample(h))
+        scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        h = self.conv1(self.dropout(h))
+        return h + self.skip(self._resample(x))
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H·W positions, residual, zero-initialised output projection."""
+
+    def __init__(self, channels: int, head_channels: int) -> None:
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """ADM UNet sized by the recipe.
+
+    Encoder: for each level l (resolution `resolution / 2**l`, width `channels·channel_mult[l]`) `num_res_blocks`
+    residual blocks (+ attention where the resolution is in `attention_resolutions`), then a down-sampling
+    residual block. A middle of res-attn-res. Decoder mirrors it with skip concatenations.
+    """
+
+    def __init__(self, *, in_channels: int, out_channels: int, resolution: int, channels: int = 64,
+                 channel_mult: Sequence[int] = (1, 2), num_res_blocks: int = 2,
+                 attention_resolutions: Sequence[int] = (), head_channels: int = 32, dropout: float = 0.0,
+                 num_classes: int = 0, noise_embedding: str = "positional", fourier_scale: float = 16.0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        emb_dim = 4 * channels
+        self.map_noise = (FourierEmbedding(channels, fourier_scale) if noise_embedding == "fourier"
+                          else PositionalEmbedding(channels))
+        self.map_layer0 = nn.Linear(channels, emb_dim)
+        self.map_layer1 = nn.Linear(emb_dim, emb_dim)
+        # One extra row: id `num_classes` is the null (unconditional) class for classifier-free guidance.
+        self.map_label = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.enc = nn.ModuleList()
+        skips = [channels]
+        cur, res = channels, resolution
+        for level, mult in enumerate(channel_mult):
+            cout = channels * mult
+            for _ in range(num_res_blocks):
+                attn = AttentionBlock(cout, head_channels) if res in attention_resolutions else None
+                self.enc.append(nn.ModuleList([ResBlock(cur, cout, emb_dim, dropout), attn or nn.Identity()]))
+                cur = cout
+                skips.append(cur)
+            if level < len(channel_mult) - 1:
+                self.enc.append(nn.ModuleList([ResBlock(cur, cur, emb_dim, dropout, "down"), nn.Identity()]))
+                res //= 2
+                skips.append(cur)
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, dropout), AttentionBlock(cur, head_channels),
+                                  ResBlock(cur, cur, emb_dim, dropout)])
+        self.dec = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            cout = channels * mult
+            for _ in range(num_res_blocks + 1):
+                attn = AttentionBlock(cout, head_channels) if res in attention_resolutions else None
+                self.dec.append(nn.ModuleList([ResBlock(cur + skips.pop(), cout, emb_dim, dropout),
+                                               attn or nn.Identity()]))
+                cur = cout
+            if level > 0:
+                self.dec.append(nn.ModuleList([ResBlock(cur, cur, emb_dim, dropout, "up"), nn.Identity()]))
+                res *= 2
+        self.norm_out = nn.GroupNorm(_groups(cur), cur)
+        self.conv_out = _zero(nn.Conv2d(cur, out_channels, 3, padding=1))
+        self._n_up = len(channel_mult) - 1
+
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        emb = self.map_layer0(self.map_noise(c_noise))
+        if self.map_label is not None:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.map_label(class_labels)
+        emb = F.silu(self.map_layer1(F.silu(emb)))
+
+        h = self.conv_in(x)
+        hs = [h]
+        for block, attn in self.enc:
+            h = attn(block(h, emb))
+            hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        for block, attn in self.dec:
+            if block.resample == "up":
+                h = block(h, emb)
+            else:
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
+        return self.conv_out(F.silu(self.norm_out(h)))

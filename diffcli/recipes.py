@@ -1,0 +1,271 @@
+"""Recipes: one validated pydantic schema, TOML in, JSON/TOML out.
+
+Every section forbids unknown keys and checks ranges, so a typo is an error that names the field, never a
+silently ignored setting. `load_recipe(path, overrides)` applies `--set section.key=value` overrides before
+validation, so overrides are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+try:  # Python ≥ 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
+
+DATASETS = ("digits", "mnist", "cifar10", "celeba", "imagefolder")
+LABELLED = {"digits": 10, "mnist": 10, "cifar10": 10}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    name: Literal["digits", "mnist", "cifar10", "celeba", "imagefolder"] = "digits"
+    root: str = Field("data", description="where torchvision datasets live (or are downloaded to)")
+    path: Optional[str] = Field(None, description="imagefolder: the folder of images (labels from sub-folders)")
+    download: bool = False
+    split: Literal["train", "test", "all"] = "train"
+    resolution: Optional[int] = Field(None, ge=4, le=1024, description="None: the dataset's own size")
+    hflip: bool = False
+    class_conditional: bool = Field(True, description="train with labels when the dataset has them")
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    num_workers: int = Field(2, ge=0, le=64)
+
+
+class ModelConfig(_Strict):
+    arch: Literal["unet"] = "unet"
+    channels: int = Field(64, ge=8, le=1024)
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2], min_length=1, max_length=8)
+    num_res_blocks: int = Field(2, ge=1, le=8)
+    attention_resolutions: list[int] = Field(default_factory=list)
+    head_channels: int = Field(32, ge=4)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    noise_embedding: Literal["positional", "fourier"] = "positional"
+
+    @model_validator(mode="after")
+    def _mults_positive(self) -> "ModelConfig":
+        for i, m in enumerate(self.channel_mult):
+            if m < 1:
+                raise ValueError(f"channel_mult[{i}] = {m}: must be ≥ 1")
+        return self
+
+
+class DiffusionConfig(_Strict):
+    process: Literal["vp_linear", "vp_cosine", "ve", "edm", "flow"] = "edm"
+    parameterization: Literal["eps", "x0", "v", "flow", "edm"] = "edm"
+    sigma_min: Optional[float] = Field(None, gt=0)
+    sigma_max: Optional[float] = Field(None, gt=0)
+    sigma_data: float = Field(0.5, gt=0)
+    timesteps: int = Field(1000, ge=2, le=100000, description="VP: number of discrete steps T")
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+    weighting: Literal["natural", "min_snr", "edm"] = "natural"
+    min_snr_gamma: float = Field(5.0, gt=0)
+    sigma_sampling: Literal["default", "discrete", "lognormal", "loguniform", "uniform_t", "logit_normal"] = "default"
+    p_mean: float = -1.2
+    p_std: float = Field(1.2, gt=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "DiffusionConfig":
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min = {self.sigma_min} must be below sigma_max = {self.sigma_max}")
+        if self.beta_start >= self.beta_end:
+            raise ValueError(f"beta_start = {self.beta_start} must be below beta_end = {self.beta_end}")
+        if self.sigma_sampling == "discrete" and not self.process.startswith("vp_"):
+            raise ValueError(f"sigma_sampling = 'discrete' needs a VP process, not process = {self.process!r}")
+        return self
+
+
+class TrainConfig(_Strict):
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    ema_decay: Optional[float] = Field(None, ge=0, lt=1)
+    ema_halflife_kimg: Optional[float] = Field(None, gt=0, description="EMA half-life in thousands of images")
+    ema_rampup_ratio: Optional[float] = Field(None, gt=0, description="half-life ≤ ratio × images seen (EDM)")
+    max_steps: int = Field(1000, ge=1)
+    max_minutes: Optional[float] = Field(None, gt=0, description="wall-clock budget; stops cleanly when spent")
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    sample_every: int = Field(1000, ge=1)
+    sample_grid: int = Field(64, ge=1, le=1024, description="images in each progress grid")
+    keep_last: int = Field(3, ge=1, description="periodic checkpoints kept (the newest is never deleted)")
+    bf16: bool = False
+    p_uncond: float = Field(0.0, ge=0, le=1, description="class-label dropout for classifier-free guidance")
+    device: str = "auto"
+    skip_nonfinite: int = Field(0, ge=0)
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _ema(self) -> "TrainConfig":
+        if self.ema_decay is not None and self.ema_halflife_kimg is not None:
+            raise ValueError("set only one of ema_decay and ema_halflife_kimg")
+        for i, b in enumerate(self.adam_betas):
+            if not 0 <= b < 1:
+                raise ValueError(f"adam_betas[{i}] = {b}: must be in [0, 1)")
+        return self
+
+
+class SampleConfig(_Strict):
+    sampler: str = "ddim"
+    schedule: Optional[str] = None
+    steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0)
+    cfg: float = Field(1.0, ge=0)
+    n: int = Field(64, ge=1)
+    batch_size: int = Field(256, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class Recipe(_Strict):
+    task: Literal["denoiser", "classifier"] = "denoiser"
+    name: Optional[str] = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Recipe":
+        d, m = self.data, self.model
+        if d.name == "imagefolder" and not d.path:
+            raise ValueError("data.path is required when data.name = 'imagefolder'")
+        labelled = d.name in LABELLED or d.name == "imagefolder"
+        if self.train.p_uncond > 0 and not (d.class_conditional and labelled):
+            raise ValueError(f"train.p_uncond = {self.train.p_uncond} (CFG label dropout) needs a class-conditional "
+                             f"dataset; data.name = {d.name!r}, data.class_conditional = {d.class_conditional}")
+        if self.task == "classifier" and not labelled:
+            raise ValueError(f"task = 'classifier' needs a labelled dataset, not data.name = {d.name!r}")
+        res = d.resolution or {"digits": 8, "mnist": 28, "cifar10": 32, "celeba": 64}.get(d.name)
+        if res is not None:
+            down = 2 ** (len(m.channel_mult) - 1)
+            if res % down:
+                raise ValueError(f"model.channel_mult = {m.channel_mult} down-samples {down}×, "
+                                 f"which does not divide the resolution {res}")
+            levels = {res // 2**i for i in range(len(m.channel_mult))}
+            for r in m.attention_resolutions:
+                if r not in levels:
+                    raise ValueError(f"model.attention_resolutions has {r}, not one of the UNet's resolutions "
+                                     f"{sorted(levels, reverse=True)}")
+        return self
+
+    # --- serialisation --------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))
+
+
+def _drop_none(d: Any) -> Any:
+    """TOML has no null: an unset optional is simply absent (and validates back to None)."""
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line naming every bad field and its value: `recipe.toml: train.lr = -1: must be > 0`."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {loc!s} = {e['input']!r}")
+        elif e["type"] == "missing":
+            parts.append(f"{loc}: missing")
+        elif loc:
+            parts.append(f"{loc} = {_short(e['input'])}: {msg}")
+        else:
+            parts.append(msg)
+    return f"{source}: " + "; ".join(parts)
+
+
+def _short(v: Any) -> str:
+    s = repr(v) if not isinstance(v, dict) else "{…}"
+    return s if len(s) <= 60 else s[:57] + "…"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` -> (["train", "lr"], 0.001). The value is read as TOML, else kept as a string."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p.strip() for p in key.strip().split(".")]
+    if not all(path):
+        raise UserError(f"--set {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {text!r}: {p} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def recipe_from_dict(data: dict, source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a TOML recipe; every failure is a one-line UserError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"recipe {str(p)!r} does not exist")
+    if p.is_dir():
+        raise UserError(f"recipe {str(p)!r} is a folder, not a TOML file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"recipe {str(p)!r} cannot be read: {e.__class__.__name__}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"recipe {str(p)!r} is not valid TOML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, str(p))
+
+
+def recipe_from_json(text: str, source: str) -> Recipe:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"{source}: the embedded recipe is not JSON") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: the embedded recipe is not a JSON object")
+    return recipe_from_dict(data, f"{source} (embedded recipe)")
+
+
+def finite(x: float) -> bool:
+    return math.isfinite(x)

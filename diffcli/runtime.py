@@ -1,0 +1,51 @@
+"""Small shared runtime helpers: device choice, seeding, progress bars."""
+
+from __future__ import annotations
+
+import hashlib
+import torch
+
+from .errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else must be a device torch knows and has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name!r}: CUDA is not available on this machine")
+    return dev
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across runs and platforms (SHA-256 of their text)."""
+    h = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of image `index` of a run with `seed`: images depend only on (seed, index)."""
+    return torch.Generator().manual_seed(mix_seed(seed, index, 0x5A))
+
+
+def progress(transient: bool = False):
+    """A rich progress bar with ETA on stderr (stdout stays clean for scripts)."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=console, transient=transient,
+                    disable=not console.is_terminal)
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
