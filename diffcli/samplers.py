@@ -65,13 +65,19 @@ def _callback(callback, i, sigmas, x, denoised, nfe) -> None:
 
 
 def _check_sigmas(sigmas: Tensor) -> Tensor:
+    """Sampling grids decrease and end with 0. Deterministic samplers also integrate the ODE forwards for
+    inversion (diffcli.encode): an increasing grid that starts above 0."""
     sigmas = sigmas.to(torch.float64)
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError("sigmas must be 1-D with at least 2 entries")
-    if float(sigmas[-1]) != 0.0:
-        raise ValueError("sigmas must end with 0")
-    if not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise ValueError("sigmas must be strictly decreasing")
+    if bool((sigmas[1:] < sigmas[:-1]).all()):
+        if float(sigmas[-1]) != 0.0:
+            raise ValueError("a decreasing sigma grid must end with 0")
+    elif bool((sigmas[1:] > sigmas[:-1]).all()):
+        if float(sigmas[0]) <= 0.0:
+            raise ValueError("an increasing (inversion) sigma grid must start above 0")
+    else:
+        raise ValueError("sigmas must be strictly monotone")
     return sigmas
 
 
