@@ -1,0 +1,77 @@
+"""Recipe validation: errors name the field and value; overrides; TOML round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffcli.errors import UserError
+from diffcli.recipes import Recipe, load_recipe, parse_override, recipe_from_dict
+
+
+def _err(data: dict) -> str:
+    with pytest.raises(UserError) as e:
+        recipe_from_dict(data, "r.toml")
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("data, needles", [
+    ({"train": {"lr": -1.0}}, ["train.lr", "-1.0"]),
+    ({"train": {"batch_size": 0}}, ["train.batch_size", "0"]),
+    ({"train": {"max_steps": 0}}, ["train.max_steps"]),
+    ({"train": {"lr": "fast"}}, ["train.lr", "'fast'"]),
+    ({"train": {"lrr": 1e-3}}, ["unknown key", "train.lrr"]),
+    ({"colour": "red"}, ["unknown key", "colour"]),
+    ({"diffusion": {"process": "vpp"}}, ["diffusion.process", "'vpp'"]),
+    ({"diffusion": {"sigma_min": 2.0, "sigma_max": 1.0}}, ["sigma_min", "2.0", "sigma_max"]),
+    ({"data": {"name": "celeba"}, "train": {"p_uncond": 0.1}}, ["p_uncond", "class-conditional", "celeba"]),
+    ({"data": {"class_conditional": False}, "train": {"p_uncond": 0.2}}, ["p_uncond"]),
+    ({"model": {"attention_resolutions": [3]}}, ["attention_resolutions", "3"]),
+    ({"model": {"channel_mult": [1, 2, 2, 2, 2]}}, ["channel_mult", "16"]),
+    ({"model": {"dropout": 1.5}}, ["model.dropout", "1.5"]),
+    ({"data": {"name": "imagefolder"}}, ["data.path"]),
+])
+def test_errors_name_field_and_value(data, needles):
+    msg = _err(data)
+    assert msg.startswith("r.toml: ")
+    for n in needles:
+        assert n in msg, (n, msg)
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[train]\nlr = 1e-3\n')
+    r = load_recipe(p, ["train.lr=2e-4", "model.channel_mult=[1,1]", "data.hflip=true", "name=abc"])
+    assert r.train.lr == 2e-4 and r.model.channel_mult == [1, 1] and r.data.hflip is True and r.name == "abc"
+    with pytest.raises(UserError, match="train.lr"):
+        load_recipe(p, ["train.lr=-5"])
+    with pytest.raises(UserError, match="unknown key train.nope"):
+        load_recipe(p, ["train.nope=1"])
+    with pytest.raises(UserError, match="section.key=value"):
+        parse_override("train.lr")
+    assert parse_override("sample.sampler=heun") == (["sample", "sampler"], "heun")
+
+
+def test_toml_round_trip(tmp_path):
+    r = load_recipe("recipes/digits.toml")
+    p = tmp_path / "resolved.toml"
+    p.write_text(r.to_toml())
+    assert load_recipe(p) == r
+    assert Recipe.model_validate_json(r.to_json()) == r
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = 1")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_recipe(bad)
+    with pytest.raises(UserError, match="folder"):
+        load_recipe(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist", "cifar10", "celeba64"])
+def test_shipped_recipes_validate(name):
+    load_recipe(f"recipes/{name}.toml")
