@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the tensors here are tiny, and OpenMP threads that spin on a busy 2-core machine cost far more
+# than they give. Subprocesses (the CLI tests) inherit the setting through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
