@@ -1,0 +1,127 @@
+"""Checkpoints: round trip, metadata re-validation, and refusal of pickles and broken files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+
+from diffcli.checkpoint import load_checkpoint, load_denoiser, read_header, save_safetensors
+from diffcli.errors import UserError
+
+
+def test_round_trip_gives_identical_outputs(tiny_ckpt, tmp_path):
+    ck = load_checkpoint(tiny_ckpt)
+    assert ck.meta["kind"] == "denoiser" and ck.meta["format"] == "1" and int(ck.meta["step"]) == 20
+    assert ck.denoiser.num_classes == 10 and ck.channels == 1 and ck.resolution == 8
+    # the resolved recipe is embedded and re-validated
+    assert json.loads(ck.meta["recipe"])["train"]["max_steps"] == 20
+    from diffcli.checkpoint import save_denoiser
+
+    copy = tmp_path / "copy.safetensors"
+    save_denoiser(copy, ck.denoiser, ck.recipe, step=ck.step, channels=1, resolution=8)
+    d2 = load_denoiser(copy)
+    x, s, y = torch.randn(6, 1, 8, 8), torch.logspace(-2, 1.5, 6), torch.arange(6)
+    with torch.no_grad():
+        assert torch.equal(ck.denoiser(x, s, y), d2(x, s, y))
+        assert torch.equal(ck.denoiser(x, s, None), d2(x, s, None))
+
+
+def _tamper(src, dst, **meta_changes):
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+    meta.update(meta_changes)
+    save_safetensors(dst, load_file(str(src)), meta)
+
+
+def test_embedded_recipe_is_revalidated(tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    rec = json.loads(load_checkpoint(tiny_ckpt).meta["recipe"])
+    rec["train"]["lr"] = -1
+    _tamper(tiny_ckpt, bad, recipe=json.dumps(rec))
+    with pytest.raises(UserError, match=r"train.lr = -1"):
+        load_checkpoint(bad)
+    _tamper(tiny_ckpt, bad, kind="classifier")
+    with pytest.raises(UserError, match="classifier"):
+        load_checkpoint(bad)
+
+
+def test_pickle_is_never_loaded(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("model.pt", "model.pkl", "model.safetensors"):
+        p = tmp_path / name
+        p.write_bytes(pickle.dumps(Evil(), protocol=4))
+        with pytest.raises(UserError, match=name):
+            load_checkpoint(p)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda: b"", "too short"),
+    (lambda: struct.pack("<Q", 10**12) + b"{}", "header length"),
+    (lambda: struct.pack("<Q", 5) + b"notjs", "not JSON"),
+    (lambda: (lambda h: struct.pack("<Q", len(h)) + h + b"\0" * 8)(
+        json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 8]}}).encode()), "overlap"),
+    (lambda: (lambda h: struct.pack("<Q", len(h)) + h)(
+        json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()), "truncated"),
+])
+def test_broken_files_give_one_line(tmp_path, make, needle):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(make())
+    with pytest.raises(UserError) as e:
+        read_header(p)
+    assert needle in str(e.value) and str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_and_misshaped_tensors_are_named(tiny_ckpt, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(tiny_ckpt), "pt") as f:
+        meta = dict(f.metadata())
+    t = load_file(str(tiny_ckpt))
+    t.pop("conv_in.weight")
+    t["conv_out.bias"] = torch.zeros(3)
+    t["extra.weight"] = torch.zeros(1)
+    p = tmp_path / "m.safetensors"
+    save_safetensors(p, t, meta)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(p)
+    msg = str(e.value)
+    assert "conv_in.weight" in msg and "conv_out.bias" in msg and "extra.weight" in msg
+    t = load_file(str(tiny_ckpt))
+    t["conv_in.bias"][0] = float("nan")
+    save_safetensors(p, t, meta)
+    with pytest.raises(UserError, match="conv_in.bias.*non-finite"):
+        load_checkpoint(p)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    import os
+
+    from diffcli.checkpoint import atomic_write_bytes
+    from diffcli.errors import RunFailure
+
+    p = tmp_path / "f.bin"
+    atomic_write_bytes(p, b"old")
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(RunFailure, match="No space left"):
+        atomic_write_bytes(p, b"new" * 1000)
+    assert p.read_bytes() == b"old"
+    assert [q.name for q in tmp_path.iterdir()] == ["f.bin"]  # no temporary left behind

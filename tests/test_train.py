@@ -1,0 +1,85 @@
+"""The training engine: bit-exact resume, run-folder policy, divergence, EMA and data order."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffcli.errors import RunFailure, UserError
+from diffcli.recipes import load_recipe
+from diffcli.train import BatchOrder, train
+
+QUIET = dict(log=lambda *a, **k: None, show_progress=False)
+
+
+def _loss_column(run):
+    with open(run / "metrics.csv") as f:
+        return [(r["step"], r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_resume_is_bit_exact(tiny_recipe_path, tmp_path):
+    """N steps, stop, resume to 2N equals 2N straight: raw weights, EMA, optimizer state and the loss column."""
+    over = ["train.max_steps=12", "train.checkpoint_every=6", "train.sample_every=1000", "train.log_every=3",
+            "train.sample_grid=4", "data.hflip=true", "model.dropout=0.1"]
+    straight = tmp_path / "straight"
+    train(load_recipe(tiny_recipe_path, over), straight, **QUIET)
+    resumed = tmp_path / "resumed"
+    train(load_recipe(tiny_recipe_path, ["train.max_steps=6"] + over[1:]), resumed, **QUIET)
+    train(load_recipe(tiny_recipe_path, over), resumed, resume=True, **QUIET)
+    a = load_file(str(straight / "checkpoints/step_0000012.state.safetensors"))
+    b = load_file(str(resumed / "checkpoints/step_0000012.state.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _loss_column(straight) == _loss_column(resumed)
+    assert (load_file(str(straight / "last.safetensors"))["conv_out.weight"]
+            == load_file(str(resumed / "last.safetensors"))["conv_out.weight"]).all()
+
+
+def test_run_folder_is_never_overwritten(tiny_recipe_path, tmp_path):
+    out = tmp_path / "run"
+    rec = load_recipe(tiny_recipe_path, ["train.max_steps=2", "train.sample_grid=4"])
+    train(rec, out, **QUIET)
+    before = (out / "last.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds a run"):
+        train(rec, out, **QUIET)
+    assert (out / "last.safetensors").read_bytes() == before
+    other = load_recipe(tiny_recipe_path, ["train.max_steps=4", "train.lr=1e-4"])
+    with pytest.raises(UserError, match="train.lr"):
+        train(other, out, resume=True, **QUIET)
+    train(rec, out, force=True, **QUIET)  # --force starts over
+    assert (out / "last.safetensors").exists()
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tiny_recipe_path, tmp_path):
+    out = tmp_path / "run"
+    rec = load_recipe(tiny_recipe_path, ["train.max_steps=10", "train.checkpoint_every=3", "train.sample_grid=4"])
+    with pytest.raises(RunFailure, match=r"step 4: loss is nan .*last finite loss"):
+        train(rec, out, nan_at_step=4, **QUIET)
+    good = load_file(str(out / "last.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values())
+    assert (out / "checkpoints/step_0000003.safetensors").exists()
+    # skip_nonfinite lets the run go on past one bad step
+    rec2 = load_recipe(tiny_recipe_path, ["train.max_steps=6", "train.skip_nonfinite=1", "train.sample_grid=4"])
+    res = train(rec2, tmp_path / "run2", nan_at_step=2, **QUIET)
+    assert res.step == 6
+
+
+def test_retention_keeps_newest(tiny_recipe_path, tmp_path):
+    out = tmp_path / "run"
+    rec = load_recipe(tiny_recipe_path, ["train.max_steps=8", "train.checkpoint_every=2", "train.keep_last=2",
+                                         "train.sample_grid=4"])
+    train(rec, out, **QUIET)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step_0000006.safetensors", "step_0000006.state.safetensors",
+                     "step_0000008.safetensors", "step_0000008.state.safetensors"]
+
+
+def test_batch_order_is_epochs_of_permutations():
+    order = BatchOrder(10, 4, seed=3)
+    seen = torch.cat([order.indices(s) for s in range(5)])  # 20 indices = 2 epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(BatchOrder(10, 4, seed=3).indices(3), order.indices(3))
