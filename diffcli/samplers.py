@@ -17,7 +17,8 @@ units; η = 1 is DDPM's posterior q(x_{t-1} | x_t, x0) (Ho et al. 2020).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -41,10 +42,25 @@ def randn_like(x: Tensor, generator=None) -> Tensor:
     return z.to(device=x.device, dtype=x.dtype)
 
 
+_NET_DTYPE = [torch.float32]
+
+
+@contextmanager
+def exact_denoiser_calls():
+    """Within this block samplers call the denoiser in float64 instead of float32: only for analytic
+    oracles (diffcli.oracle), so that reference solves in tests and benchmarks are not limited by float32."""
+    _NET_DTYPE.append(torch.float64)
+    try:
+        yield
+    finally:
+        _NET_DTYPE.pop()
+
+
 def _denoise(denoiser, x: Tensor, sigma: Tensor) -> Tensor:
     """Call the denoiser in float32 with a (B,) σ and return float64 (the integration dtype)."""
-    s = sigma.to(torch.float32).expand(x.shape[0]).contiguous()
-    return denoiser(x.to(torch.float32), s).to(torch.float64)
+    dt = _NET_DTYPE[-1]
+    s = sigma.to(dt).expand(x.shape[0]).contiguous()
+    return denoiser(x.to(dt), s).to(torch.float64)
 
 
 class NFECounter:
@@ -89,6 +105,13 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, 
     return math.sqrt(sigma_next**2 - up**2), up
 
 
+def _decreasing(sigmas: Tensor, name: str) -> Tensor:
+    sigmas = _check_sigmas(sigmas)
+    if float(sigmas[-1]) != 0.0:
+        raise ValueError(f"{name} is stochastic and samples only on a decreasing grid ending with 0")
+    return sigmas
+
+
 # --- samplers ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_ddim(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, eta: float = 0.0) -> Tensor:
@@ -117,7 +140,7 @@ def sample_ddpm(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback
     added on the last step (z = 0 at t = 1)."""
     if variance not in ("posterior", "beta"):
         raise ValueError(f"variance must be 'posterior' or 'beta', not {variance!r}")
-    sigmas = _check_sigmas(sigmas.to(x.device))
+    sigmas = _decreasing(sigmas.to(x.device), "ddpm")
     x = x.to(torch.float64)
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -169,36 +192,417 @@ def sample_heun(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback
     return x
 
 
+# --- more samplers ----------------------------------------------------------------------------------------
+# Exponential-integrator solvers (DPM-Solver++, UniPC) work in λ = -log σ, the half log-SNR of the VE
+# process, where the ODE's linear part is solved exactly: from σ to σ' with h = λ' - λ = log(σ/σ'),
+#     x' = (σ'/σ)·x - expm1(-h)·D̂,
+# and D̂ is a polynomial extrapolation of earlier denoised estimates (DDIM is the constant one). A grid that
+# ends on σ = 0 has h = ∞ on its last step, which is then the plain denoise x' = D(x, σ).
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None,
+                           eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
+    """Ancestral Euler (k-diffusion's `sample_euler_ancestral`): each step σ → σ' is an Euler step of the
+    probability-flow ODE to σ_down followed by fresh noise σ_up, σ_down² + σ_up² = σ'² (Song et al. 2021's
+    reverse SDE split into its drift and noise; η = 1 is DDPM's posterior variance, Ho et al. 2020).
+    One denoiser call per step."""
+    sigmas = _decreasing(sigmas.to(x.device), "euler_ancestral")
+    x = x.to(torch.float64)
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = _denoise(denoiser, x, sigmas[i])
+        _callback(callback, i, sigmas, x, d, i + 1)
+        down, up = ancestral_step(s, s_next, eta)
+        x = x + (down - s) * (x - d) / s
+        if up > 0:
+            x = x + up * s_noise * randn_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): second-order multistep exponential
+    integrator in data prediction. D̂ = (1 + 1/(2r))·D_i - 1/(2r)·D_{i-1} with r = h_{i-1}/h_i; the first step
+    is DDIM. One denoiser call per step; deterministic, and runs on increasing grids (ODE inversion)."""
+    sigmas = _check_sigmas(sigmas.to(x.device))
+    x = x.to(torch.float64)
+    old, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = _denoise(denoiser, x, sigmas[i])
+        _callback(callback, i, sigmas, x, d, i + 1)
+        if s_next == 0:
+            x = d
+            continue
+        h = math.log(s / s_next)
+        d_hat = d
+        if old is not None:
+            r = h_last / h
+            d_hat = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * old
+        x = (s_next / s) * x - math.expm1(-h) * d_hat
+        old, h_last = d, h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Tensor:
+    """DPM-Solver++(3M) (Lu et al. 2022; the third-order multistep update of the DPM-Solver reference code):
+    with r0 = h_{i-1}/h, r1 = h_{i-2}/h, D1_0 = (D_i - D_{i-1})/r0, D1_1 = (D_{i-1} - D_{i-2})/r1,
+        D1 = D1_0 + r0/(r0+r1)·(D1_0 - D1_1),   D2 = (D1_0 - D1_1)/(r0+r1),
+        x' = (σ'/σ)x - φ1·D_i + φ2·D1 - φ3·D2,   φ1 = expm1(-h), φ2 = φ1/h + 1, φ3 = φ2/h - 1/2.
+    Orders 1 and 2 on the first two steps. One denoiser call per step; deterministic; runs on increasing grids."""
+    sigmas = _check_sigmas(sigmas.to(x.device))
+    x = x.to(torch.float64)
+    ds: list[Tensor] = []
+    hs: list[float] = []
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = _denoise(denoiser, x, sigmas[i])
+        _callback(callback, i, sigmas, x, d, i + 1)
+        if s_next == 0:
+            x = d
+            continue
+        h = math.log(s / s_next)
+        phi1 = math.expm1(-h)
+        phi2 = phi1 / h + 1
+        x_new = (s_next / s) * x - phi1 * d
+        if len(ds) == 1:
+            r0 = hs[-1] / h
+            x_new = x_new + phi2 * (d - ds[-1]) / r0
+        elif len(ds) >= 2:
+            phi3 = phi2 / h - 0.5
+            r0, r1 = hs[-1] / h, hs[-2] / h
+            d1_0, d1_1 = (d - ds[-1]) / r0, (ds[-1] - ds[-2]) / r1
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            x_new = x_new + phi2 * d1 - phi3 * d2
+        x = x_new
+        ds, hs = (ds + [d])[-2:], (hs + [h])[-2:]
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None,
+                        eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, Sec. 5's SDE variant; k-diffusion's `sample_dpmpp_2m_sde`, midpoint
+    form): the exact linear part of the reverse SDE with noise fraction η,
+        x' = (σ'/σ)·e^{-ηh}·x - expm1(-(1+η)h)·D̂ + σ'·sqrt(-expm1(-2ηh))·z,
+    with the second-order multistep correction of D̂. η = 0 is DPM-Solver++(2M). One call per step."""
+    sigmas = _decreasing(sigmas.to(x.device), "dpmpp_2m_sde")
+    x = x.to(torch.float64)
+    old, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = _denoise(denoiser, x, sigmas[i])
+        _callback(callback, i, sigmas, x, d, i + 1)
+        if s_next == 0:
+            x = d
+            continue
+        h = math.log(s / s_next)
+        eh = eta * h
+        coef = -math.expm1(-h - eh)
+        x = (s_next / s) * math.exp(-eh) * x + coef * d
+        if old is not None:
+            r = h_last / h
+            x = x + 0.5 * coef * (1 / r) * (d - old)
+        if eta > 0:
+            x = x + s_next * math.sqrt(-math.expm1(-2 * eh)) * s_noise * randn_like(x, generator)
+        old, h_last = d, h
+    return x
+
+
+def _unipc_rb(rks: list[float], h: float, order: int, variant: str) -> tuple[Tensor, Tensor, float, float]:
+    """UniPC's linear system (Zhao et al. 2023, Algorithm 3/4 with B(h)): R[i, k] = r_k^i, b_i = i!·φ_{i+1}(h)/B(h)."""
+    hh = -h  # data prediction
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    fact = 1
+    R, b = [], []
+    for i in range(1, order + 1):
+        R.append([rk ** (i - 1) for rk in rks])
+        b.append(h_phi_k * fact / b_h)
+        fact *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    return torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), h_phi_1, b_h
+
+
+@torch.no_grad()
+def sample_unipc(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, order: int = 3,
+                 variant: str = "bh2", final_correction: bool = True) -> Tensor:
+    """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework", Algorithms 2–3): the
+    multistep predictor UniP-p and the corrector UniC, which reuses the denoiser call made at the new point
+    anyway, so the order rises by one at no extra cost. Data prediction, B(h) = expm1(-h) ("bh2") or -h
+    ("bh1"); orders warm up from 1. One denoiser call per step; deterministic; runs on increasing grids.
+
+    The final step to σ = 0 returns D at the *predicted* last point (the corrected one has no denoiser call);
+    `final_correction` carries the corrector's last update through it, D(x_c) ≈ D(x_p) + (x_c - x_p), which
+    holds where ∂D/∂x ≈ I, i.e. when the last σ is small against the data's scale."""
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', not {variant!r}")
+    sigmas = _check_sigmas(sigmas.to(x.device))
+    x = x.to(torch.float64)
+    ms: list[Tensor] = []
+    lams: list[float] = []
+    pending = None  # (x_base, D1s, rks, h, p, x_pred) of the last predictor step, for the corrector
+    n = len(sigmas) - 1
+    for i in range(n):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = _denoise(denoiser, x, sigmas[i])
+        _callback(callback, i, sigmas, x, d, i + 1)
+        if pending is not None:  # UniC: correct x with the call just made at it
+            x_base, d1s, rks, h, p = pending
+            R, b, _, b_h = _unipc_rb(rks, h, p, variant)
+            rhos_c = torch.tensor([0.5], dtype=torch.float64) if p == 1 else torch.linalg.solve(R, b)
+            corr = rhos_c[-1] * (d - ms[-1])
+            for rho, d1 in zip(rhos_c[:-1].tolist(), d1s):
+                corr = corr + rho * d1
+            x_c = x_base - b_h * corr
+            if s_next == 0 and final_correction:
+                d = d + (x_c - x)
+            x = x_c
+        if s_next == 0:
+            x = d
+            continue
+        ms.append(d)
+        lams.append(-math.log(s))
+        ms, lams = ms[-order:], lams[-order:]
+        h = math.log(s / s_next)
+        p = len(ms)
+        rks = [(lams[-1 - k] - lams[-1]) / h for k in range(1, p)] + [1.0]
+        d1s = [(ms[-1 - k] - ms[-1]) / rks[k - 1] for k in range(1, p)]
+        R, b, h_phi_1, b_h = _unipc_rb(rks, h, p, variant)
+        x_base = (s_next / s) * x - h_phi_1 * ms[-1]
+        x_pred = x_base
+        if p >= 2:
+            rhos_p = torch.tensor([0.5], dtype=torch.float64) if p == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+            for rho, d1 in zip(rhos_p.tolist(), d1s):
+                x_pred = x_pred - b_h * rho * d1
+        pending = (x_base, d1s, rks, h, p)
+        x = x_pred
+    return x
+
+
+def _adams_bashforth(nodes: list[float], a: float, b: float) -> list[float]:
+    """Weights w_j with ∫_a^b p(σ) dσ = Σ_j w_j f_j for the polynomial p through (nodes_j, f_j): variable-step
+    Adams–Bashforth, computed in the unit variable u = (σ - a)/(b - a) for conditioning."""
+    import numpy as np
+    from numpy.polynomial import polynomial as P
+
+    u = [(t - a) / (b - a) for t in nodes]
+    w = []
+    for j, uj in enumerate(u):
+        c = np.array([1.0])
+        for k, uk in enumerate(u):
+            if k != j:
+                c = P.polymul(c, np.array([-uk, 1.0]) / (uj - uk))
+        ci = P.polyint(c)
+        w.append(float((P.polyval(1.0, ci) - P.polyval(0.0, ci)) * (b - a)))
+    return w
+
+
+@torch.no_grad()
+def sample_ipndm(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None,
+                 max_order: int = 4) -> Tensor:
+    """Improved PNDM (Zhang & Chen 2023, "DEIS", Sec. 4's iPNDM): Adams–Bashforth on dx/dσ = (x - D)/σ that
+    reuses up to `max_order` - 1 earlier slopes, warming up with lower orders instead of PNDM's Runge–Kutta
+    start. The weights are exact for the actual (non-uniform) σ grid — the variable-step form, where
+    k-diffusion's `sample_ipndm` uses the uniform-step constants. One call per step; deterministic; runs on
+    increasing grids."""
+    sigmas = _check_sigmas(sigmas.to(x.device))
+    x = x.to(torch.float64)
+    slopes: list[Tensor] = []
+    nodes: list[float] = []
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = _denoise(denoiser, x, sigmas[i])
+        _callback(callback, i, sigmas, x, d, i + 1)
+        slopes, nodes = (slopes + [(x - d) / s])[-max_order:], (nodes + [s])[-max_order:]
+        w = _adams_bashforth(nodes, s, s_next)
+        for wj, f in zip(w, slopes):
+            x = x + wj * f
+    return x
+
+
+@torch.no_grad()
+def sample_pc(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, snr: float = 0.16,
+              corrector_steps: int = 1) -> Tensor:
+    """Predictor–corrector sampling (Song et al. 2021, "Score-Based Generative Modeling through SDEs",
+    Algorithms 2 and 4): an ancestral predictor step σ → σ' (the reverse SDE's exact Gaussian posterior step),
+    then `corrector_steps` Langevin steps at σ', x ← x + ε·∇log p + sqrt(2ε)·z, with the step chosen per sample
+    by the signal-to-noise rule ε = 2·(snr·‖z‖/‖∇log p‖)². The score is (D - x)/σ². The last step to σ = 0 is
+    a denoise. NFE = steps + corrector_steps·(steps - 1)."""
+    sigmas = _decreasing(sigmas.to(x.device), "pc")
+    x = x.to(torch.float64)
+    nfe = 0
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = _denoise(denoiser, x, sigmas[i])
+        nfe += 1
+        _callback(callback, i, sigmas, x, d, nfe)
+        if s_next == 0:
+            x = d
+            continue
+        down, up = ancestral_step(s, s_next, 1.0)
+        x = d + (down / s) * (x - d) + up * randn_like(x, generator)
+        for _ in range(corrector_steps):
+            score = (_denoise(denoiser, x, sigmas[i + 1]) - x) / s_next**2
+            nfe += 1
+            z = randn_like(x, generator)
+            g = score.flatten(1).norm(dim=1).clamp_min(1e-30)
+            eps = 2 * (snr * z.flatten(1).norm(dim=1) / g) ** 2
+            eps = eps.reshape(-1, *([1] * (x.ndim - 1)))
+            x = x + eps * score + (2 * eps).sqrt() * z
+    return x
+
+
+@torch.no_grad()
+def sample_ald(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, step_size: float = 0.2,
+               n_steps_each: int = 5) -> Tensor:
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1): at each noise level σ_i of the grid,
+    `n_steps_each` Langevin steps x ← x + (α_i/2)·∇log p_σi(x) + sqrt(α_i)·z with α_i = ε·σ_i²/σ_L²; here
+    `step_size` = ε/σ_L², so α_i = step_size·σ_i² whatever the grid. Ends with the denoising step
+    x = D(x, σ_L) (Jolicoeur-Martineau et al. 2021). NFE = steps·n_steps_each + 1."""
+    sigmas = _decreasing(sigmas.to(x.device), "ald")
+    x = x.to(torch.float64)
+    nfe = 0
+    n = len(sigmas) - 1
+    for i in range(n):
+        s = float(sigmas[i])
+        alpha = step_size * s**2
+        for _ in range(n_steps_each):
+            d = _denoise(denoiser, x, sigmas[i])
+            nfe += 1
+            x = x + 0.5 * alpha * (d - x) / s**2 + math.sqrt(alpha) * randn_like(x, generator)
+        d = None
+        if i == n - 1:
+            d = _denoise(denoiser, x, sigmas[i])
+            nfe += 1
+            _callback(callback, i, sigmas, x, d, nfe)
+            x = d
+    return x
+
+
+@torch.no_grad()
+def sample_rk45(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, rtol: float = 1e-5,
+                atol: float = 1e-5, method: str = "RK45") -> Tensor:
+    """Adaptive solve of the probability-flow ODE to a tolerance: Dormand–Prince RK5(4) (Dormand & Prince 1980)
+    by scipy's `solve_ivp`, in t = log σ where dx/dt = x - D(x, e^t) (Karras et al. 2022, eq. 4, rewritten).
+    Only the grid's ends matter: from σ_0 to the last σ > 0, then a final denoise if the grid ends on 0. The
+    whole batch is one ODE system, so the step sizes (and results, within the tolerance) depend on the batch.
+    The reference solver for tests and benchmarks, and the inversion solver (increasing grids, no denoise)."""
+    import numpy as np
+    from scipy.integrate import solve_ivp
+
+    sigmas = _check_sigmas(sigmas.to(x.device))
+    decreasing = float(sigmas[-1]) == 0.0
+    s0 = float(sigmas[0])
+    s1 = float(sigmas[-2]) if decreasing else float(sigmas[-1])
+    shape, device = x.shape, x.device
+    count = [0]
+
+    def f(t: float, y: "np.ndarray") -> "np.ndarray":
+        xs = torch.from_numpy(y).reshape(shape).to(device)
+        d = _denoise(denoiser, xs, torch.tensor(math.exp(t), dtype=torch.float64, device=device))
+        count[0] += 1
+        if callback is not None:
+            callback({"i": count[0] - 1, "sigma": math.exp(t), "sigma_next": None, "x": xs, "denoised": d,
+                      "nfe": count[0]})
+        return (xs - d).cpu().numpy().ravel()
+
+    y0 = x.to(torch.float64).cpu().numpy().ravel()
+    if s0 != s1:
+        sol = solve_ivp(f, (math.log(s0), math.log(s1)), y0, method=method, rtol=rtol, atol=atol)
+        if not sol.success:
+            raise RuntimeError(f"rk45: the ODE solve failed: {sol.message}")
+        y0 = sol.y[:, -1]
+    x = torch.from_numpy(np.ascontiguousarray(y0)).reshape(shape).to(device)
+    if decreasing:
+        x = _denoise(denoiser, x, sigmas[-2])
+        count[0] += 1
+    return x
+
+
+# --- registry -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplerInfo:
+    """What `--list`, `--nfe` and option validation need to know about a sampler.
+
+    `cost(steps, options)` is the exact number of denoiser calls for a grid of `steps` steps ending on σ = 0;
+    None for an adaptive solver. `options` maps each numeric option to its (lo, hi) allowed range, inclusive."""
+
     name: str
     fn: Callable[..., Tensor]
     order: int
     stochastic: bool
     default_schedule: str
     description: str
+    cost: Callable[[int, dict], int] | None = None
+    cost_text: str = "N"
+    options: dict = field(default_factory=dict)
+    invertible: bool = False
     min_steps: int = 1
 
-    def nfe(self, steps: int) -> int:
+    @property
+    def adaptive(self) -> bool:
+        return self.cost is None
+
+    def nfe(self, steps: int, **options) -> int:
         """Denoiser calls for `steps` steps (the last step lands on σ = 0)."""
-        if self.name == "heun":
-            return 2 * steps - 1
+        if self.cost is None:
+            raise ValueError(f"{self.name} is adaptive: its NFE is known only after the solve")
+        return self.cost(steps, options)
+
+    def steps_for_nfe(self, nfe: int, **options) -> int:
+        """The most steps whose NFE is at most `nfe` (0 if even one step costs more)."""
+        if self.cost is None:
+            raise ValueError(f"{self.name} is adaptive: choose a tolerance, not an NFE budget")
+        steps = 0
+        while self.cost(steps + 1, options) <= nfe:
+            steps += 1
         return steps
 
-    def steps_for_nfe(self, nfe: int) -> int:
-        """The most steps whose NFE is at most `nfe`."""
-        if self.name == "heun":
-            return (nfe + 1) // 2
-        return nfe
+
+def _per_step(steps: int, options: dict) -> int:
+    return steps
 
 
+_INF = float("inf")
 SAMPLER_INFO: dict[str, SamplerInfo] = {
     info.name: info
     for info in [
-        SamplerInfo("ddpm", sample_ddpm, 1, True, "uniform", "ancestral sampling (Ho et al. 2020, Alg. 2)"),
-        SamplerInfo("ddim", sample_ddim, 1, False, "uniform", "DDIM with η (Song et al. 2021); η=0 is the ODE"),
-        SamplerInfo("euler", sample_euler, 1, False, "karras", "Euler on the probability-flow ODE"),
-        SamplerInfo("heun", sample_heun, 2, False, "karras", "Heun 2nd order, optional churn (Karras et al. 2022)"),
+        SamplerInfo("ddpm", sample_ddpm, 1, True, "uniform", "ancestral sampling (Ho et al. 2020, Alg. 2)",
+                    _per_step),
+        SamplerInfo("ddim", sample_ddim, 1, False, "uniform", "DDIM with η (Song et al. 2021); η=0 is the ODE",
+                    _per_step, options={"eta": (0.0, 1.0)}, invertible=True),
+        SamplerInfo("euler", sample_euler, 1, False, "karras", "Euler on the probability-flow ODE", _per_step,
+                    invertible=True),
+        SamplerInfo("euler_ancestral", sample_euler_ancestral, 1, True, "karras",
+                    "Euler + fresh noise per step (k-diffusion)", _per_step,
+                    options={"eta": (0.0, 1.0), "s_noise": (0.0, 2.0)}),
+        SamplerInfo("heun", sample_heun, 2, False, "karras", "Heun 2nd order, optional churn (Karras et al. 2022)",
+                    lambda n, o: 2 * n - 1, "2N-1",
+                    options={"s_churn": (0.0, _INF), "s_tmin": (0.0, _INF), "s_tmax": (0.0, _INF),
+                             "s_noise": (0.0, 2.0)}, invertible=True),
+        SamplerInfo("dpmpp_2m", sample_dpmpp_2m, 2, False, "karras", "DPM-Solver++(2M) (Lu et al. 2022)",
+                    _per_step, invertible=True),
+        SamplerInfo("dpmpp_3m", sample_dpmpp_3m, 3, False, "logsnr", "DPM-Solver++(3M) (Lu et al. 2022)",
+                    _per_step, invertible=True),
+        SamplerInfo("dpmpp_2m_sde", sample_dpmpp_2m_sde, 2, True, "karras",
+                    "DPM-Solver++(2M) SDE, noise fraction η (Lu et al. 2022)", _per_step,
+                    options={"eta": (0.0, 1.0), "s_noise": (0.0, 2.0)}),
+        SamplerInfo("unipc", sample_unipc, 3, False, "logsnr", "UniPC predictor-corrector, bh2 (Zhao et al. 2023)",
+                    _per_step, options={"order": (1, 3)}, invertible=True),
+        SamplerInfo("ipndm", sample_ipndm, 4, False, "karras", "improved PNDM, variable-step Adams-Bashforth "
+                    "(Zhang & Chen 2023)", _per_step, options={"max_order": (1, 4)}, invertible=True),
+        SamplerInfo("pc", sample_pc, 1, True, "karras", "predictor-corrector, Langevin corrector with SNR rule "
+                    "(Song et al. 2021)", lambda n, o: n + o.get("corrector_steps", 1) * max(n - 1, 0),
+                    "N+C(N-1)", options={"snr": (1e-6, 1.0), "corrector_steps": (0, 100)}),
+        SamplerInfo("ald", sample_ald, 1, True, "logsnr", "annealed Langevin dynamics (Song & Ermon 2019)",
+                    lambda n, o: n * o.get("n_steps_each", 5) + 1, "N·T+1",
+                    options={"step_size": (1e-8, 1.0), "n_steps_each": (1, 1000)}),
+        SamplerInfo("rk45", sample_rk45, 5, False, "karras", "adaptive Dormand-Prince RK45 to a tolerance "
+                    "(scipy); reference solver", None, "adaptive",
+                    options={"rtol": (1e-12, 1.0), "atol": (1e-12, 1.0)}, invertible=True),
     ]
 }
 SAMPLERS: dict[str, Callable[..., Tensor]] = {k: v.fn for k, v in SAMPLER_INFO.items()}
