@@ -1,0 +1,809 @@
+"""The eval-fid engine: FID, KID, IS and precision/recall through torch-fidelity, with the protocol recorded.
+
+Generated set:  a checkpoint (sampled on the fly with per-sample seeds), a sample folder (`images/` +
+                `sample.json`, whose labels and settings are carried over) or a folder of images.
+Reference set:  a dataset by name + split (features cached by (dataset, split, channels×resolution,
+                extractor, extractor hash) in ``$XDG_CACHE_HOME/diffcli/ref_stats``), a folder of images, or a
+                statistics file written by that cache. For a checkpoint it defaults to the dataset and split
+                of the checkpoint's embedded recipe.
+Metrics:        torch-fidelity's own functions on features from a torch-fidelity feature extractor
+                (`diffcli.features`): `fid_statistics_to_metric`, `kid_features_to_metric`,
+                `isc_features_to_metric`, `prc_features_to_metric`. Nothing is re-implemented here.
+
+Images travel as uint8 (N, C, H, W), torch-fidelity's convention; generated samples are quantised exactly as
+sample PNGs are written, so a checkpoint and its sample folder give the same numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import UserError
+
+METRICS = ("fid", "kid", "is", "pr")
+DEFAULT_N = 10_000
+STANDARD_N = 10_000  # below this FID is noticeably biased upward; warn
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+PR_NEIGHBORHOOD = 3
+IS_SPLITS = 10
+REF_STATS_KIND = "diffcli-ref-stats"
+REF_STATS_VERSION = "1"
+EXTRACTOR_INPUT = {"digits": "native 1×8×8 (no resize inside the extractor)",
+                   "inception": "torch-fidelity TF1-compatible bilinear resize to 299×299, grey → RGB"}
+
+
+# --- image sets ------------------------------------------------------------------------------------------
+@dataclass
+class ImageSet:
+    """uint8 images (N, C, H, W), optional labels (N,), and a description for the protocol record."""
+
+    images: Tensor
+    labels: Tensor | None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+
+def parse_metrics(text: str | None) -> tuple[list[str], bool]:
+    """`--metrics fid,kid` → (["fid", "kid"], explicit); None → every metric, not explicit."""
+    if text is None:
+        return list(METRICS), False
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    aliases = {"isc": "is", "prc": "pr", "precision": "pr", "recall": "pr"}
+    names = [aliases.get(n, n) for n in names]
+    bad = [n for n in names if n not in METRICS]
+    if bad or not names:
+        raise UserError(f"--metrics {text!r}: unknown metric {bad[0] if bad else '(none)'!r}; choose from "
+                        f"{', '.join(METRICS)}")
+    return list(dict.fromkeys(names)), True
+
+
+def parse_int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    out = []
+    for t in text.split(","):
+        t = t.strip()
+        try:
+            v = int(t)
+        except ValueError:
+            raise UserError(f"{option} {text!r}: {t!r} is not an integer") from None
+        if v < 1:
+            raise UserError(f"{option} {text!r}: {v} must be ≥ 1")
+        out.append(v)
+    if not out:
+        raise UserError(f"{option} {text!r}: empty")
+    return list(dict.fromkeys(out))
+
+
+def read_folder(folder: Path, option: str, limit: int | None = None) -> Tensor:
+    """Every image of a folder (recursively, sorted) as uint8 (N, C, H, W); UserError when the folder is
+    missing, empty, unreadable, holds fewer than 2 images or images of mixed sizes or channels."""
+    from .data import list_images, read_image
+    from .images import to_uint8
+
+    if not folder.exists():
+        raise UserError(f"{option} {str(folder)!r}: does not exist")
+    if not folder.is_dir():
+        raise UserError(f"{option} {str(folder)!r}: not a folder")
+    try:
+        files = list_images(folder)
+    except OSError as e:
+        raise UserError(f"{option} {str(folder)!r}: cannot be read ({e.strerror or e})") from None
+    if not files:
+        raise UserError(f"{option} {str(folder)!r}: holds no images (png, jpg, …)")
+    if limit is not None:
+        if limit > len(files):
+            raise UserError(f"--n {limit}: {option} {str(folder)!r} holds only {len(files)} images")
+        files = files[:limit]
+    if len(files) < 2:
+        raise UserError(f"{option} {str(folder)!r}: holds {len(files)} image; at least 2 are needed")
+    out, first = [], None
+    for f in files:
+        img = read_image(f, None, None)  # UserError naming the file when unreadable
+        if first is None:
+            first = (f, tuple(img.shape))
+        elif tuple(img.shape) != first[1]:
+            c, h, w = img.shape
+            c0, h0, w0 = first[1]
+            raise UserError(f"{option} {str(folder)!r}: images of mixed sizes or channels: {f.name} is {c}×{h}×{w}, "
+                            f"{first[0].name} is {c0}×{h0}×{w0}")
+        out.append(to_uint8(img[None])[0])
+    return torch.stack(out)
+
+
+def load_generated_folder(folder: Path, n: int | None) -> ImageSet:
+    """A sample folder (images/ + sample.json: labels and settings are kept) or a plain folder of images."""
+    sample_json = folder / "sample.json"
+    if folder.is_dir() and sample_json.is_file() and (folder / "images").is_dir():
+        try:
+            meta = json.loads(sample_json.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{sample_json}: not readable JSON ({e.__class__.__name__})") from None
+        images = read_folder(folder / "images", "GENERATED", n)
+        labels = meta.get("labels") if isinstance(meta, dict) else None
+        lab = None
+        if isinstance(labels, list) and len(labels) >= len(images) and all(isinstance(v, int) for v in labels):
+            lab = torch.tensor(labels[:len(images)], dtype=torch.long)
+        info = {"source": "sample-folder", "path": str(folder)}
+        keys = ("checkpoint", "checkpoint_sha256", "checkpoint_step", "sampler", "schedule", "steps", "nfe", "seed",
+                "cfg", "class")
+        info.update({k: meta.get(k) for k in keys} if isinstance(meta, dict) else {})
+        return ImageSet(images, lab, info)
+    images = read_folder(folder, "GENERATED", n)
+    return ImageSet(images, None, {"source": "folder", "path": str(folder)})
+
+
+def resize_u8(images: Tensor, resolution: int) -> Tensor:
+    """uint8 (N, C, H, W) → (N, C, R, R): centre square crop, then PIL bicubic (up) / Lanczos (down) —
+    the same filter the data module uses for datasets."""
+    from PIL import Image
+
+    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return images
+    out = []
+    for img in images:
+        arr = img.permute(1, 2, 0).numpy()
+        im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        im = im.resize((resolution, resolution), Image.BICUBIC if s < resolution else Image.LANCZOS)
+        a = np.asarray(im, dtype=np.uint8)
+        out.append(torch.from_numpy((a[:, :, None] if a.ndim == 2 else a).transpose(2, 0, 1).copy()))
+    return torch.stack(out)
+
+
+# --- reference statistics --------------------------------------------------------------------------------
+@dataclass
+class Reference:
+    """Reference features of the FID/KID/PR layer and their FID statistics."""
+
+    features: Tensor  # (N, D) float32
+    mu: np.ndarray
+    sigma: np.ndarray
+    channels: int
+    resolution: int
+    extractor: str
+    extractor_hash: str
+    layer: str
+    info: dict
+
+    @property
+    def n(self) -> int:
+        return len(self.features)
+
+
+def ref_cache_path(dataset: str, split: str, channels: int, resolution: int, extractor: str, ext_hash: str) -> Path:
+    from .features import cache_dir
+
+    return cache_dir() / "ref_stats" / f"{dataset}-{split}-{channels}x{resolution}-{extractor}-{ext_hash}.safetensors"
+
+
+def save_reference(path: Path, ref: Reference, key: dict) -> None:
+    from .checkpoint import save_safetensors
+
+    meta = {"kind": REF_STATS_KIND, "version": REF_STATS_VERSION, "extractor": ref.extractor,
+            "extractor_hash": ref.extractor_hash, "layer": ref.layer, "channels": str(ref.channels),
+            "resolution": str(ref.resolution), "n": str(ref.n), **{k: str(v) for k, v in key.items()}}
+    save_safetensors(path, {"features": ref.features.float(), "mu": torch.from_numpy(ref.mu),
+                            "sigma": torch.from_numpy(ref.sigma)}, meta)
+
+
+def load_stats_file(path: Path, option: str = "--ref") -> Reference:
+    """A statistics file written by `save_reference` (e.g. from the cache); UserError if it is not one."""
+    from .checkpoint import read_safetensors
+
+    tensors, meta = read_safetensors(path)
+    if meta.get("kind") != REF_STATS_KIND:
+        raise UserError(f"{option} {str(path)!r}: not a diffcli statistics file (metadata kind "
+                        f"{meta.get('kind')!r}); give a dataset name, a folder, or a file from the statistics cache")
+    if meta.get("version") != REF_STATS_VERSION or not {"features", "mu", "sigma"} <= tensors.keys():
+        raise UserError(f"{option} {str(path)!r}: statistics file version {meta.get('version')!r} is not supported")
+    try:
+        ch, res = int(meta["channels"]), int(meta["resolution"])
+    except (KeyError, ValueError):
+        raise UserError(f"{option} {str(path)!r}: statistics file lacks channels/resolution") from None
+    info = {"source": "stats-file", "path": str(path), **{k: meta.get(k) for k in ("dataset", "split")}}
+    return Reference(tensors["features"].float(), tensors["mu"].numpy().astype(np.float64),
+                     tensors["sigma"].numpy().astype(np.float64), ch, res, meta.get("extractor", "?"),
+                     meta.get("extractor_hash", "?"), meta.get("layer", "?"), info)
+
+
+def _reference_from_images(images: Tensor, ext: "Extractor", info: dict) -> Reference:
+    from .features import feature_statistics
+
+    feats = ext.features(images, [ext.layer])[ext.layer].float()
+    mu, sigma = feature_statistics(feats)
+    return Reference(feats, mu, sigma, images.shape[1], images.shape[-1], ext.name, ext.hash, ext.layer, info)
+
+
+def dataset_images(name: str, split: str, root: str | None, resolution: int | None = None,
+                   path: str | None = None) -> Tensor:
+    """A data-module dataset as uint8 (N, C, H, W) (labels are not needed for a reference)."""
+    from pydantic import ValidationError
+
+    from .data import load_dataset
+    from .images import to_uint8
+    from .recipes import DataConfig
+
+    try:
+        cfg = DataConfig(name=name, split=split, root=root or "data", resolution=resolution, path=path,
+                         class_conditional=False)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"--ref {name!r} / --ref-split {split!r}: {err.get('msg')}") from None
+    data = load_dataset(cfg)
+    if data.images is not None:
+        return to_uint8(data.images)
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=256, num_workers=0)
+    return torch.cat([to_uint8(x) for x, _ in loader])
+
+
+# --- extractors ------------------------------------------------------------------------------------------
+class Extractor:
+    """A torch-fidelity feature extractor by diffcli name, with its weights hash and the layers metrics use."""
+
+    def __init__(self, name: str, metrics: list[str], *, device: torch.device, batch_size: int,
+                 inception_weights: Path | None = None, digits_seed: int = 0) -> None:
+        from .features import EXTRACTORS, create_extractor, default_layer
+
+        if name not in EXTRACTORS:
+            raise UserError(f"--extractor {name!r}: unknown; choose one of {', '.join(EXTRACTORS)}")
+        if inception_weights is not None and name != "inception":
+            raise UserError(f"--inception-weights {str(inception_weights)!r}: only used with --extractor inception "
+                            f"(the extractor here is {name!r})")
+        self.name, self.device, self.batch_size = name, device, batch_size
+        self.layer = default_layer(name, "fid")  # FID, KID and PR share one layer in both extractors
+        self.is_layer = default_layer(name, "isc")
+        layers = [self.layer] + ([self.is_layer] if "is" in metrics and self.is_layer != self.layer else [])
+        self.fe = create_extractor(name, layers, device=device, inception_weights=inception_weights,
+                                   digits_seed=digits_seed)
+        self.hash = self.fe.weights_hash
+        self.weights = str(inception_weights) if inception_weights else (
+            "torch hub cache" if name == "inception" else f"digits classifier seed {digits_seed}")
+
+    def check_input(self, shape: tuple[int, int, int], what: str) -> None:
+        if self.name == "digits" and shape != (1, 8, 8):
+            raise UserError(f"--extractor digits: needs 1×8×8 images (the digits dataset); {what} are "
+                            f"{shape[0]}×{shape[1]}×{shape[2]}; use --extractor inception")
+
+    def prepare(self, images: Tensor) -> Tensor:
+        if self.name == "inception" and images.shape[1] == 1:
+            return images.expand(-1, 3, -1, -1).contiguous()  # what PIL's convert("RGB") does to greyscale
+        return images
+
+    def features(self, images: Tensor, layers: list[str]) -> dict[str, Tensor]:
+        from .features import extract_features
+
+        self.check_input(tuple(images.shape[1:]), "the images")
+        feats = extract_features(self.fe, self.prepare(images), self.batch_size, self.device)
+        return {k: feats[k] for k in layers}
+
+
+def resolve_reference(ref: str | None, split: str | None, data_root: str | None, ext: Extractor, *,
+                      default: dict | None, cache: bool, log=None) -> Reference:
+    """Reference features from a stats file, a folder, or a dataset (cached). `default` is the checkpoint's
+    data config (name, split, root, resolution, path) used when `ref` is None."""
+    from .recipes import DataConfig
+
+    names = DataConfig.model_fields["name"].annotation.__args__  # type: ignore[union-attr]
+    if ref is None:
+        if default is None:
+            raise UserError("--ref is needed: the generated set is a folder without a checkpoint to take the "
+                            "training dataset from; give a dataset name (e.g. digits), a folder, or a stats file")
+        name, res, root, dpath = default["name"], default.get("resolution"), default.get("root"), default.get("path")
+        split = split or default.get("split", "train")
+        root = data_root or root
+    else:
+        p = Path(ref)
+        if p.suffix == ".safetensors":
+            if not p.is_file():
+                raise UserError(f"--ref {ref!r}: statistics file does not exist")
+            r = load_stats_file(p)
+            if r.extractor != ext.name or r.extractor_hash != ext.hash:
+                raise UserError(f"--ref {ref!r}: statistics made with extractor {r.extractor} (hash "
+                                f"{r.extractor_hash}), not the {ext.name} extractor in use (hash {ext.hash})")
+            return r
+        if ref not in names:  # a dataset name wins; write ./digits for a folder of that name
+            if not p.exists():
+                raise UserError(f"--ref {ref!r}: neither a dataset ({', '.join(n for n in names if n != 'imagefolder')}),"
+                                f" a folder, nor a statistics file")
+            images = read_folder(p, "--ref")
+            ext.check_input(tuple(images.shape[1:]), "the reference images")
+            return _reference_from_images(images, ext, {"source": "folder", "path": str(p)})
+        if ref == "imagefolder":
+            raise UserError("--ref 'imagefolder': give the folder itself as --ref")
+        name, res, root, dpath = ref, None, data_root, None
+        split = split or "train"
+    if split not in ("train", "test", "all"):
+        raise UserError(f"--ref-split {split!r}: choose train, test or all")
+    t0 = time.perf_counter()
+    if name == "imagefolder":  # a checkpoint trained on a folder: no cache (the folder may change)
+        images = read_folder(Path(dpath), "data.path")
+        return _reference_from_images(images, ext, {"source": "folder", "path": dpath})
+    images = None
+    if res is None and name == "digits":
+        res = 8
+    if res is None:
+        images = dataset_images(name, split, root)
+        res = images.shape[-1]
+    channels = 1 if name in ("digits", "mnist") else 3
+    path = ref_cache_path(name, split, channels, res, ext.name, ext.hash)
+    info = {"source": "dataset", "dataset": name, "split": split, "stats_file": str(path)}
+    if cache and path.is_file():
+        try:
+            r = load_stats_file(path, "cache")
+            if (r.extractor, r.extractor_hash, r.channels, r.resolution) == (ext.name, ext.hash, channels, res):
+                r.info = {**info, "cache": "hit"}
+                return r
+        except UserError:
+            pass  # a corrupt or foreign cache file: recompute and replace it
+        if log:
+            log(f"stale statistics cache {path}: recomputing")
+    if images is None:
+        images = dataset_images(name, split, root, res)
+    ext.check_input(tuple(images.shape[1:]), f"the {name} images")
+    r = _reference_from_images(images, ext, {**info, "cache": "miss" if cache else "off"})
+    r.info["seconds"] = round(time.perf_counter() - t0, 3)
+    if cache:
+        save_reference(path, r, {"dataset": name, "split": split})
+    return r
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+def compute_metrics(gen: dict[str, Tensor], ref: Reference, metrics: list[str], *, layer: str, is_layer: str,
+                    seed: int = 2020) -> dict[str, float]:
+    """torch-fidelity's metrics between generated features {layer: (N, D)} and a Reference.
+
+    Keys: frechet_distance, kid_mean, kid_std, inception_score_mean, inception_score_std, precision,
+    recall, f_score (those of `metrics`)."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    from .features import feature_statistics, frechet_distance
+
+    f1, f2 = gen[layer].float(), ref.features.float()
+    n1, n2 = len(f1), len(f2)
+    out: dict[str, float] = {}
+    if "fid" in metrics:
+        mu, sigma = feature_statistics(f1)
+        out["fid"] = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    if "kid" in metrics:
+        k = kid_features_to_metric(f1, f2, kid_subsets=KID_SUBSETS, kid_subset_size=min(KID_SUBSET_SIZE, n1, n2),
+                                   rng_seed=seed, verbose=False)
+        out["kid_mean"], out["kid_std"] = k["kernel_inception_distance_mean"], k["kernel_inception_distance_std"]
+    if "is" in metrics:
+        s = isc_features_to_metric(gen[is_layer], splits=min(IS_SPLITS, len(gen[is_layer])), shuffle=True,
+                                   rng_seed=seed)
+        out["is_mean"], out["is_std"] = s["inception_score_mean"], s["inception_score_std"]
+    if "pr" in metrics:
+        p = prc_features_to_metric(f1, f2, prc_neighborhood=PR_NEIGHBORHOOD, prc_batch_size=10000,
+                                   save_cpu_ram=True, verbose=False)
+        out["precision"], out["recall"], out["f_score"] = p["precision"], p["recall"], p["f_score"]
+    return {k: float(v) for k, v in out.items()}
+
+
+def small_n_warnings(n_gen: int, n_ref: int, dim: int) -> list[str]:
+    w = []
+    for what, n in (("generated", n_gen), ("reference", n_ref)):
+        if n <= dim:
+            w.append(f"{n} {what} images ≤ feature dimension {dim}: the FID covariance is rank-deficient; "
+                     f"the number is not comparable to anything")
+        elif n < STANDARD_N:
+            w.append(f"{n} {what} images < {STANDARD_N:,}: FID is biased upward at small n; compare only numbers "
+                     f"computed at the same n")
+    return w
+
+
+# --- the command -----------------------------------------------------------------------------------------
+@dataclass
+class EvalOptions:
+    generated: Path
+    ref: str | None = None
+    ref_split: str | None = None
+    data_root: str | None = None
+    metrics: str | None = None
+    extractor: str | None = None
+    inception_weights: Path | None = None
+    sampler: str | None = None  # comma list
+    nfe: str | None = None  # comma list
+    steps: int | None = None
+    schedule: str | None = None
+    cfg: float = 1.0
+    n: int | None = None
+    seed: int = 0
+    batch_size: int = 256
+    resize: bool = False
+    cache: bool = True
+    device: str = "auto"
+    out: Path | None = None
+    json_path: Path | None = None
+    digits_seed: int = 0
+
+
+@dataclass
+class EvalResult:
+    records: list[dict]
+    files: list[Path]
+    warnings: list[str]
+
+
+def _is_checkpoint(p: Path) -> bool:
+    return p.is_file() and p.suffix == ".safetensors"
+
+
+def _plan(opts: EvalOptions, ck) -> list[tuple[str, int]]:
+    """(sampler, steps) for every combination of --sampler × --nfe (or --steps)."""
+    from .samplers import SAMPLER_INFO
+
+    names = [s.strip() for s in (opts.sampler or ck.recipe.sample.sampler).split(",") if s.strip()]
+    for s in names:
+        if s not in SAMPLER_INFO:
+            raise UserError(f"--sampler {s!r}: unknown; choose one of {', '.join(SAMPLER_INFO)}")
+    nfes = parse_int_list(opts.nfe, "--nfe")
+    if nfes is not None and opts.steps is not None:
+        raise UserError("give --steps or --nfe, not both")
+    if opts.steps is not None and opts.steps < 1:
+        raise UserError(f"--steps {opts.steps}: must be ≥ 1")
+    plan = []
+    for s in names:
+        info = SAMPLER_INFO[s]
+        for nfe in (nfes or [None]):
+            if nfe is None:
+                plan.append((s, opts.steps if opts.steps is not None else ck.recipe.sample.steps))
+                continue
+            try:
+                steps = info.steps_for_nfe(nfe)
+            except ValueError as e:
+                raise UserError(f"--nfe {nfe} with --sampler {s}: {e}") from None
+            if steps < max(1, info.min_steps):
+                raise UserError(f"--nfe {nfe}: too small for {s} (it needs at least "
+                                f"{info.nfe(max(1, info.min_steps))} denoiser calls)")
+            plan.append((s, steps))
+    return plan
+
+
+def evaluate(opts: EvalOptions, log=None) -> EvalResult:
+    """Run eval-fid (see module docstring); writes --json, and for sweeps CSV + PNG into --out."""
+    from . import __version__
+    from .runtime import resolve_device
+
+    log = log or (lambda *a, **k: None)
+    t_start = time.perf_counter()
+    metrics, explicit = parse_metrics(opts.metrics)
+    dev = resolve_device(opts.device)
+    if opts.n is not None and opts.n < 2:
+        raise UserError(f"--n {opts.n}: at least 2 images are needed")
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size {opts.batch_size}: must be ≥ 1")
+    if opts.seed < 0:
+        raise UserError(f"--seed {opts.seed}: must be ≥ 0")
+    if opts.inception_weights is not None and not Path(opts.inception_weights).is_file():
+        raise UserError(f"--inception-weights {str(opts.inception_weights)!r}: no such file")
+    g = Path(opts.generated)
+    if not g.exists():
+        raise UserError(f"GENERATED {str(g)!r}: does not exist (give a checkpoint, a sample folder or a folder)")
+
+    # generated set (or the plan to generate it) and the default reference
+    ck, plan, gen_set, default_ref = None, None, None, None
+    if _is_checkpoint(g):
+        from .checkpoint import load_checkpoint
+
+        ck = load_checkpoint(g, dev)
+        plan = _plan(opts, ck)
+        d = ck.recipe.data
+        default_ref = {"name": d.name, "split": d.split, "root": d.root, "resolution": d.resolution, "path": d.path}
+        gen_shape = (ck.channels, ck.resolution, ck.resolution)
+    elif g.is_dir():
+        if opts.sampler or opts.nfe or opts.steps is not None:
+            raise UserError(f"--sampler/--nfe/--steps need a checkpoint; GENERATED {str(g)!r} is a folder")
+        gen_set = load_generated_folder(g, opts.n)
+        gen_shape = gen_set.shape
+        ckp = gen_set.info.get("checkpoint")
+        if ckp and Path(ckp).is_file():
+            from .checkpoint import read_header
+            from .recipes import recipe_from_json
+
+            try:
+                _, meta = read_header(ckp)
+                d = recipe_from_json(meta["recipe"], ckp).data
+                default_ref = {"name": d.name, "split": d.split, "root": d.root, "resolution": d.resolution,
+                               "path": d.path}
+            except (UserError, KeyError):
+                default_ref = None
+    else:
+        raise UserError(f"GENERATED {str(g)!r}: not a .safetensors checkpoint nor a folder")
+
+    # extractor: digits for 1×8×8 sets, Inception otherwise
+    ext_name = opts.extractor or ("digits" if gen_shape == (1, 8, 8) else "inception")
+    ext = Extractor(ext_name, metrics, device=dev, batch_size=opts.batch_size,
+                    inception_weights=opts.inception_weights, digits_seed=opts.digits_seed)
+    ref = resolve_reference(opts.ref, opts.ref_split, opts.data_root, ext, default=default_ref, cache=opts.cache,
+                            log=log)
+    ref_shape = (ref.channels, ref.resolution, ref.resolution)
+    if gen_shape[0] != ref.channels:
+        raise UserError(f"the generated images have {gen_shape[0]} channel(s), the reference {ref.channels}")
+    resize = "none"
+    if gen_shape[1:] != ref_shape[1:]:
+        if not opts.resize:
+            raise UserError(f"the generated images are {gen_shape[1]}×{gen_shape[2]}, the reference "
+                            f"{ref.resolution}×{ref.resolution}; pass --resize to resize the generated set to the "
+                            f"reference resolution")
+        resize = (f"generated {gen_shape[1]}×{gen_shape[2]} → {ref.resolution}×{ref.resolution} "
+                  f"(centre crop, PIL bicubic up / Lanczos down)")
+    n_req = opts.n if opts.n is not None else DEFAULT_N
+    need_pr = "pr" in metrics
+    warnings: list[str] = []
+
+    def drop_small(n: int) -> list[str]:
+        ms = list(metrics)
+        if need_pr and min(n, ref.n) <= PR_NEIGHBORHOOD:
+            if explicit:
+                raise UserError(f"--metrics pr: precision/recall needs more than {PR_NEIGHBORHOOD} images per set "
+                                f"(got {n} generated, {ref.n} reference)")
+            ms.remove("pr")
+            warnings.append(f"precision/recall skipped: needs more than {PR_NEIGHBORHOOD} images per set")
+        return ms
+
+    base = {
+        "diffcli_version": __version__, "torch_fidelity_version": _tf_version(), "torch_version": torch.__version__,
+        "python": platform.python_version(), "device": str(dev),
+        "extractor": ext.name, "extractor_weights": ext.weights, "extractor_weights_hash": ext.hash,
+        "feature_layer": ext.layer, "feature_dim": int(ref.features.shape[1]),
+        "extractor_input": EXTRACTOR_INPUT[ext.name], "resize": resize,
+        "reference": {**ref.info, "n": ref.n, "channels": ref.channels, "resolution": ref.resolution},
+        "n_reference": ref.n,
+        "kid_subsets": KID_SUBSETS, "pr_neighborhood": PR_NEIGHBORHOOD, "metric_seed": 2020,
+    }
+    records = []
+    jobs = plan if plan is not None else [None]
+    for job in jobs:
+        rec = dict(base)
+        t_gen = 0.0
+        if job is not None:
+            from .generate import SampleSettings, generate, validate_settings
+            from .images import to_uint8
+
+            s = SampleSettings(sampler=job[0], steps=job[1], schedule=opts.schedule, cfg=opts.cfg, n=n_req,
+                               batch_size=opts.batch_size, seed=opts.seed)
+            validate_settings(s, ck.denoiser.num_classes)
+            log(f"generating {n_req} images: {job[0]}, {job[1]} steps")
+            t0 = time.perf_counter()
+            imgs, grec = generate(ck.denoiser, ck.channels, ck.resolution, s, device=dev)
+            t_gen = time.perf_counter() - t0
+            labels = torch.tensor(grec["labels"], dtype=torch.long) if grec.get("labels") is not None else None
+            gset = ImageSet(to_uint8(imgs), labels, {"source": "checkpoint", "path": str(ck.path)})
+            from .checkpoint import file_hash
+
+            rec.update({"generated": gset.info, "checkpoint": str(ck.path), "checkpoint_sha256": file_hash(ck.path),
+                        "checkpoint_step": ck.step, "sampler": grec["sampler"], "schedule": grec["schedule"],
+                        "steps": grec["steps"], "nfe": grec["nfe"], "cfg": opts.cfg, "seed": opts.seed,
+                        "seeds": f"image i uses seed mix({opts.seed}, i)", "generation_seconds": round(t_gen, 3)})
+        else:
+            gset = gen_set
+            info = gset.info
+            rec.update({"generated": info, "checkpoint": info.get("checkpoint"),
+                        "checkpoint_sha256": info.get("checkpoint_sha256"),
+                        "checkpoint_step": info.get("checkpoint_step"), "sampler": info.get("sampler"),
+                        "schedule": info.get("schedule"), "steps": info.get("steps"), "nfe": info.get("nfe"),
+                        "cfg": info.get("cfg"), "seed": info.get("seed"),
+                        "seeds": None if info.get("seed") is None else f"image i uses seed mix({info['seed']}, i)",
+                        "generation_seconds": None})
+        images = gset.images
+        if resize != "none":
+            images = resize_u8(images, ref.resolution)
+        ms = drop_small(len(images))
+        t0 = time.perf_counter()
+        layers = [ext.layer] + ([ext.is_layer] if "is" in ms and ext.is_layer != ext.layer else [])
+        feats = ext.features(images, layers)
+        t_feat = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        vals = compute_metrics(feats, ref, ms, layer=ext.layer, is_layer=ext.is_layer)
+        t_met = time.perf_counter() - t0
+        acc = None
+        if gset.labels is not None and tuple(images.shape[1:]) == (1, 8, 8):
+            if int(gset.labels.max()) < 10 and int(gset.labels.min()) >= 0:
+                from .features import class_accuracy
+
+                acc = class_accuracy(images, gset.labels, seed=opts.digits_seed)
+        w = small_n_warnings(len(images), ref.n, int(ref.features.shape[1]))
+        rec.update({
+            "metrics": vals, "metrics_requested": ms, "class_accuracy": acc, "n_generated": len(images),
+            "kid_subset_size": min(KID_SUBSET_SIZE, len(images), ref.n) if "kid" in ms else None,
+            "is_splits": min(IS_SPLITS, len(images)) if "is" in ms else None,
+            "eval_seconds": round(t_feat + t_met, 3), "feature_seconds": round(t_feat, 3),
+            "metric_seconds": round(t_met, 3),
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "warnings": list(dict.fromkeys(warnings + w)),
+        })
+        records.append(rec)
+        log(_one_line(rec))
+    for r in records:
+        r["total_seconds"] = round(time.perf_counter() - t_start, 3)
+    all_warn = list(dict.fromkeys(w for r in records for w in r["warnings"]))
+    files = []
+    if len(records) > 1 and opts.out is None:
+        raise UserError("a sweep (several --sampler/--nfe values) writes a CSV and a plot: give --out DIR")
+    if opts.out is not None:
+        files += write_sweep(opts.out, records)
+    if opts.json_path is not None:
+        from .checkpoint import atomic_write_text
+
+        doc = records[0] if len(records) == 1 else {"sweep": records}
+        atomic_write_text(opts.json_path, json.dumps(doc, indent=2, default=_json_default))
+        files.append(Path(opts.json_path))
+    return EvalResult(records, files, all_warn)
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def _tf_version() -> str:
+    import torch_fidelity
+
+    return torch_fidelity.__version__
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+    return str(v)
+
+
+def _one_line(rec: dict) -> str:
+    m = rec["metrics"]
+    head = f"{rec['sampler']} NFE {rec['nfe']}: " if rec.get("sampler") else ""
+    parts = [f"{k} {_fmt(v)}" for k, v in m.items() if not k.endswith("_std") and k != "f_score"]
+    if rec.get("class_accuracy") is not None:
+        parts.append(f"class acc {rec['class_accuracy']:.3f}")
+    return head + ", ".join(parts)
+
+
+CSV_COLUMNS = ["sampler", "schedule", "steps", "nfe", "cfg", "n_generated", "n_reference", "fid", "kid_mean",
+               "kid_std", "is_mean", "is_std", "precision", "recall", "f_score", "class_accuracy",
+               "generation_seconds", "eval_seconds"]
+
+
+def write_sweep(out: Path, records: list[dict]) -> list[Path]:
+    """OUT/eval_fid.csv (one row per sampler × NFE), OUT/eval_fid.png (metric vs NFE), OUT/eval_fid.json."""
+    from .checkpoint import atomic_write_text
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in records:
+        row = {k: r.get(k) for k in CSV_COLUMNS}
+        row.update({k: v for k, v in r["metrics"].items() if k in CSV_COLUMNS})
+        w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    atomic_write_text(out / "eval_fid.csv", buf.getvalue())
+    atomic_write_text(out / "eval_fid.json", json.dumps({"sweep": records}, indent=2, default=_json_default))
+    files = [out / "eval_fid.csv", out / "eval_fid.json"]
+    png = plot_sweep(out / "eval_fid.png", records)
+    if png is not None:
+        files.append(png)
+    return files
+
+
+def plot_sweep(path: Path, records: list[dict]) -> Path | None:
+    """Metric vs NFE, one line per sampler, one panel per metric (matplotlib, the `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--out: the sweep plot needs matplotlib; pip install 'diffcli[plot]'") from None
+    from .checkpoint import atomic_write_bytes
+
+    panels = [(k, lbl) for k, lbl in (("fid", "FID (lower is better)"), ("kid_mean", "KID"),
+                                      ("precision", "precision"), ("recall", "recall"),
+                                      ("class_accuracy", "class accuracy"), ("is_mean", "IS"))
+              if any(_val(r, k) is not None for r in records)]
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    samplers = list(dict.fromkeys(r.get("sampler") for r in records))
+    for ax, (key, label) in zip(axes.flat, panels):
+        for s in samplers:
+            pts = sorted((r["nfe"], _val(r, key)) for r in records if r.get("sampler") == s
+                         and _val(r, key) is not None and r.get("nfe") is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(s))
+        ax.set_xscale("log")
+        nfes = sorted({r["nfe"] for r in records if r.get("nfe") is not None})
+        ax.set_xticks(nfes, [str(v) for v in nfes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("NFE (denoiser calls)")
+        ax.set_title(label)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    r0 = records[0]
+    fig.suptitle(f"{r0.get('checkpoint') or ''}  ·  {r0['extractor']} features  ·  n = {r0['n_generated']} vs "
+                 f"{r0['n_reference']}", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _val(r: dict, key: str):
+    return r.get("class_accuracy") if key == "class_accuracy" else r["metrics"].get(key)
+
+
+def summary_rows(rec: dict) -> list[tuple[str, str]]:
+    """(label, value) rows for the on-screen table of one evaluation."""
+    m = rec["metrics"]
+    rows = []
+    if "fid" in m:
+        rows.append(("FID", f"{m['fid']:.4f}"))
+    if "kid_mean" in m:
+        rows.append(("KID", f"{m['kid_mean']:.5f} ± {m['kid_std']:.5f}"))
+    if "is_mean" in m:
+        rows.append(("IS", f"{m['is_mean']:.3f} ± {m['is_std']:.3f}"))
+    if "precision" in m:
+        rows.append(("precision / recall", f"{m['precision']:.3f} / {m['recall']:.3f}"))
+    if rec.get("class_accuracy") is not None:
+        rows.append(("class accuracy", f"{rec['class_accuracy']:.3f}"))
+    ref = rec["reference"]
+    ref_txt = (f"{ref.get('dataset')}:{ref.get('split')} (cache {ref.get('cache')})" if ref["source"] == "dataset"
+               else f"{ref['source']} {ref.get('path')}")
+    rows += [("n generated / reference", f"{rec['n_generated']} / {rec['n_reference']}"),
+             ("reference", ref_txt),
+             ("extractor", f"{rec['extractor']} ({rec['feature_layer']}, {rec['feature_dim']}-d, "
+                           f"hash {rec['extractor_weights_hash']})"),
+             ("resize", rec["resize"])]
+    if rec.get("sampler"):
+        rows.append(("sampler", f"{rec['sampler']} ({rec.get('schedule')}, {rec.get('steps')} steps, "
+                                f"NFE {rec.get('nfe')}, cfg {rec.get('cfg')}, seed {rec.get('seed')})"))
+    if rec.get("checkpoint_sha256"):
+        rows.append(("checkpoint", f"{rec.get('checkpoint')} (sha256 {rec['checkpoint_sha256']})"))
+    rows.append(("seconds", f"eval {rec['eval_seconds']:.2f}"
+                 + (f", generation {rec['generation_seconds']:.2f}" if rec.get("generation_seconds") else "")))
+    return rows
+
+
+def sweep_table(records: list[dict]):
+    from rich.table import Table
+
+    t = Table(title="diffcli eval-fid sweep", title_justify="left")
+    cols = ["sampler", "NFE", "FID", "KID", "precision", "recall", "class acc"]
+    for c in cols:
+        t.add_column(c)
+    for r in records:
+        m = r["metrics"]
+        t.add_row(str(r.get("sampler")), str(r.get("nfe")), _fmt(m.get("fid")), _fmt(m.get("kid_mean")),
+                  _fmt(m.get("precision")), _fmt(m.get("recall")), _fmt(r.get("class_accuracy")))
+    return t
