@@ -506,6 +506,9 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult:
     if _is_checkpoint(g):
         from .checkpoint import load_checkpoint
 
+        from .checkpoint import file_hash
+
+        ck_hash = file_hash(g)  # before loading: the hash names the weights that are evaluated
         ck = load_checkpoint(g, dev)
         plan = _plan(opts, ck)
         d = ck.recipe.data
@@ -590,9 +593,7 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult:
             t_gen = time.perf_counter() - t0
             labels = torch.tensor(grec["labels"], dtype=torch.long) if grec.get("labels") is not None else None
             gset = ImageSet(to_uint8(imgs), labels, {"source": "checkpoint", "path": str(ck.path)})
-            from .checkpoint import file_hash
-
-            rec.update({"generated": gset.info, "checkpoint": str(ck.path), "checkpoint_sha256": file_hash(ck.path),
+            rec.update({"generated": gset.info, "checkpoint": str(ck.path), "checkpoint_sha256": ck_hash,
                         "checkpoint_step": ck.step, "sampler": grec["sampler"], "schedule": grec["schedule"],
                         "steps": grec["steps"], "nfe": grec["nfe"], "cfg": opts.cfg, "seed": opts.seed,
                         "seeds": f"image i uses seed mix({opts.seed}, i)", "generation_seconds": round(t_gen, 3)})
