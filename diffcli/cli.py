@@ -102,8 +102,8 @@ def sample(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name (see --list) [default: recipe]."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: recipe]."),
     nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser-call budget; chooses --steps to fit."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="karras | logsnr | uniform | linear."),
-    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM stochasticity η in [0, 1]."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="karras | logsnr | uniform | linear | tuned."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="Stochasticity η in [0, 1] (ddim, euler_ancestral, dpmpp_2m_sde)."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale (1 = none)."),
     class_id: Optional[int] = typer.Option(None, "--class", help="Class id for every image [default: cycle]."),
     n: int = typer.Option(64, "--n", help="Number of images."),
@@ -113,6 +113,19 @@ def sample(
     force: bool = typer.Option(False, "--force", help="Overwrite a sample folder that already holds samples."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     list_: bool = typer.Option(False, "--list", help="List the samplers and exit."),
+    cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="LO,HI: apply --cfg only for σ in [LO, HI]."),
+    classifier: Optional[Path] = typer.Option(None, "--classifier", help="Noise-conditional classifier checkpoint "
+                                              "(train with task = \"classifier\") for classifier guidance."),
+    classifier_scale: float = typer.Option(0.0, "--classifier-scale", help="Classifier-guidance scale s (0 = none)."),
+    s_churn: Optional[float] = typer.Option(None, "--s-churn", help="heun: Karras et al.'s S_churn ≥ 0."),
+    s_noise: Optional[float] = typer.Option(None, "--s-noise", help="heun/euler_ancestral/dpmpp_2m_sde: noise scale."),
+    snr: Optional[float] = typer.Option(None, "--snr", help="pc: Langevin corrector signal-to-noise ratio in (0, 1]."),
+    corrector_steps: Optional[int] = typer.Option(None, "--corrector-steps", help="pc: Langevin steps per level."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="rk45: relative (and absolute) tolerance."),
+    tune_schedule: bool = typer.Option(False, "--tune-schedule", help="Optimise the σ grid for this checkpoint, "
+                                       "sampler and --nfe against an rk45 reference; store it beside the checkpoint "
+                                       "(CKPT.schedules.safetensors) and sample with it. Later: --schedule tuned."),
+    tune_draws: int = typer.Option(128, "--tune-draws", help="Noise draws the schedule is tuned on."),
 ) -> None:
     """Sample images from a checkpoint into a sample folder (grid.png, images/, sample.json).
 
@@ -132,7 +145,7 @@ def sample(
             table.add_column(col)
         for info in SAMPLER_INFO.values():
             table.add_row(info.name, str(info.order), "yes" if info.stochastic else "no",
-                          "2N-1" if info.name == "heun" else "N", info.default_schedule, info.description)
+                          info.cost_text, info.default_schedule, info.description)
         from rich.console import Console
 
         Console().print(table)
@@ -149,25 +162,53 @@ def sample(
     name = sampler or rs.sampler
     if name not in SAMPLER_INFO:
         raise UserError(f"--sampler {name!r}: unknown; choose one of {', '.join(SAMPLER_INFO)}")
+    options = {k: v for k, v in {"s_churn": s_churn, "s_noise": s_noise, "snr": snr, "corrector_steps": corrector_steps,
+                                 "rtol": rtol, "atol": rtol}.items() if v is not None}
     if nfe is not None:
         if steps is not None:
             raise UserError("give --steps or --nfe, not both")
         if nfe < 1:
             raise UserError(f"--nfe {nfe}: must be ≥ 1")
-        steps = SAMPLER_INFO[name].steps_for_nfe(nfe)
+        if SAMPLER_INFO[name].adaptive:
+            raise UserError(f"--nfe {nfe}: {name} is adaptive (its NFE follows from --rtol); use --rtol")
+        steps = SAMPLER_INFO[name].steps_for_nfe(nfe, **options)
         if steps < 1:
-            raise UserError(f"--nfe {nfe}: too small for {name} (one step costs {SAMPLER_INFO[name].nfe(1)})")
+            raise UserError(f"--nfe {nfe}: too small for {name} (one step costs "
+                            f"{SAMPLER_INFO[name].nfe(1, **options)} denoiser calls)")
     steps = steps if steps is not None else rs.steps
     if steps < 1:
         raise UserError(f"--steps {steps}: must be ≥ 1")
+    interval = None
+    if cfg_interval is not None:
+        try:
+            lo, hi = (float(v) for v in cfg_interval.split(","))
+        except ValueError:
+            raise UserError(f"--cfg-interval {cfg_interval!r}: expected LO,HI (two numbers)") from None
+        interval = (lo, hi)
+    if tune_schedule:
+        schedule = "tuned"
     s = SampleSettings(sampler=name, steps=steps, schedule=schedule or rs.schedule, eta=eta, cfg=cfg,
-                       class_id=class_id, n=n, batch_size=batch_size, seed=seed)
+                       class_id=class_id, n=n, batch_size=batch_size, seed=seed, options=options,
+                       cfg_interval=interval, classifier=str(classifier) if classifier else None,
+                       classifier_scale=classifier_scale)
     validate_settings(s, ck.denoiser.num_classes)
+    clf = None
+    if classifier is not None:
+        from .classifier import check_classifier_matches, load_classifier
+
+        clf, clf_meta = load_classifier(classifier, dev)
+        check_classifier_matches(clf_meta, classifier, ck.meta, ck.denoiser.num_classes)
+    elif classifier_scale != 0:
+        raise UserError(f"--classifier-scale {classifier_scale}: needs --classifier CKPT")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"--out {str(out)!r} is not empty; choose another folder or pass --force to overwrite")
-    images, record = generate(ck.denoiser, ck.channels, ck.resolution, s, device=dev)
+    if s.schedule == "tuned":
+        from .generate import resolve_tuned_schedule
+
+        resolve_tuned_schedule(ck, s, dev, tune=tune_schedule, draws=tune_draws, log=_console().print)
+    images, record = generate(ck.denoiser, ck.channels, ck.resolution, s, device=dev, classifier=clf)
     write_sample_folder(out, images, record, s, ck, dev)
     _console().print(_table("diffcli sample", [
         ("images", f"{len(images)} → {out / 'images'}"), ("grid", str(out / "grid.png")),

@@ -14,7 +14,7 @@ from torch import Tensor
 from . import __version__
 from .checkpoint import LoadedCheckpoint, atomic_write_text, file_hash
 from .errors import UserError
-from .guidance import Conditioned
+from .guidance import ClassifierGuided, Conditioned
 from .images import png_bytes, save_grid, to_uint8
 from .runtime import progress, sample_generator
 from .samplers import SAMPLER_INFO, SCHEDULES, NFECounter, get_sigmas
@@ -35,6 +35,10 @@ class SampleSettings:
     sigma_max: float | None = None
     rho: float = 7.0
     options: dict = field(default_factory=dict)
+    sigmas: list[float] | None = None  # an explicit grid (e.g. a tuned one); overrides schedule and steps
+    cfg_interval: tuple[float, float] | None = None  # apply CFG only for σ in [lo, hi]
+    classifier: str | None = None  # classifier-guidance checkpoint (recorded; the engine gets the model)
+    classifier_scale: float = 0.0
 
 
 def validate_settings(s: SampleSettings, num_classes: int) -> None:
@@ -42,8 +46,22 @@ def validate_settings(s: SampleSettings, num_classes: int) -> None:
     if s.sampler not in SAMPLER_INFO:
         raise UserError(f"--sampler {s.sampler!r}: unknown; choose one of {', '.join(SAMPLER_INFO)}")
     info = SAMPLER_INFO[s.sampler]
-    if s.schedule is not None and s.schedule not in SCHEDULES:
-        raise UserError(f"--schedule {s.schedule!r}: unknown; choose one of {', '.join(SCHEDULES)}")
+    if s.schedule is not None and s.schedule not in SCHEDULES + ("tuned",):
+        raise UserError(f"--schedule {s.schedule!r}: unknown; choose one of {', '.join(SCHEDULES + ('tuned',))}")
+    for key, value in s.options.items():
+        flag = "--" + key.replace("_", "-")
+        if key not in info.options:
+            raise UserError(f"{flag} {value}: the {s.sampler} sampler does not take it"
+                            + (f" (it takes {', '.join(info.options)})" if info.options else ""))
+        lo, hi = info.options[key]
+        if not lo <= value <= hi:
+            raise UserError(f"{flag} {value}: out of range for {s.sampler}; must be in [{lo:g}, {hi:g}]")
+    if s.classifier_scale < 0:
+        raise UserError(f"--classifier-scale {s.classifier_scale}: must be ≥ 0")
+    if s.cfg_interval is not None:
+        lo, hi = s.cfg_interval
+        if not 0 <= lo < hi:
+            raise UserError(f"--cfg-interval {lo},{hi}: need 0 ≤ lo < hi")
     if s.steps < info.min_steps:
         raise UserError(f"--steps {s.steps}: {s.sampler} needs at least {info.min_steps}")
     if s.n < 1:
@@ -52,8 +70,9 @@ def validate_settings(s: SampleSettings, num_classes: int) -> None:
         raise UserError(f"--batch-size {s.batch_size}: must be ≥ 1")
     if s.eta is not None and not 0 <= s.eta <= 1:
         raise UserError(f"--eta {s.eta}: must be in [0, 1]")
-    if s.eta is not None and s.sampler != "ddim":
-        raise UserError(f"--eta {s.eta}: only the ddim sampler takes η")
+    if s.eta is not None and "eta" not in info.options:
+        eta_takers = ", ".join(k for k, v in SAMPLER_INFO.items() if "eta" in v.options)
+        raise UserError(f"--eta {s.eta}: the {s.sampler} sampler does not take η (these do: {eta_takers})")
     if s.cfg < 0:
         raise UserError(f"--cfg {s.cfg}: must be ≥ 0")
     if s.cfg != 1.0 and num_classes == 0:
@@ -88,14 +107,51 @@ def default_schedule(sampler: str, process) -> str:
 
 
 def sigma_grid(ck_denoiser, s: SampleSettings) -> Tensor:
+    if s.sigmas is not None:
+        return torch.tensor(s.sigmas, dtype=torch.float64)
     lo = s.sigma_min if s.sigma_min is not None else ck_denoiser.sigma_min
     hi = s.sigma_max if s.sigma_max is not None else ck_denoiser.sigma_max
     return get_sigmas(s.schedule or default_schedule(s.sampler, ck_denoiser.process), s.steps, lo, hi, rho=s.rho,
                       process=ck_denoiser.process)
 
 
+def resolve_tuned_schedule(ck: LoadedCheckpoint, s: SampleSettings, device: torch.device, *, tune: bool = False,
+                           draws: int = 128, log=print) -> None:
+    """`--schedule tuned`: put the tuned grid for (sampler, steps) into `s.sigmas`; with `tune`, first optimise it
+    against an rk45 reference (diffcli.samplers.tune_schedule) and store it in the sidecar file beside the
+    checkpoint (the checkpoint itself is never rewritten)."""
+    from .samplers import load_tuned_schedule, save_tuned_schedule, tune_schedule, tuned_keys, tuned_schedule_path
+
+    info = SAMPLER_INFO[s.sampler]
+    if info.stochastic or info.adaptive:
+        fixed = ", ".join(k for k, v in SAMPLER_INFO.items() if not (v.stochastic or v.adaptive))
+        raise UserError(f"--schedule tuned: {s.sampler} has no fixed grid to tune; choose one of {fixed}")
+    if draws < 2:
+        raise UserError(f"--tune-draws {draws}: must be ≥ 2")
+    path = tuned_schedule_path(ck.path)
+    sha = file_hash(ck.path)
+    if tune:
+        d = ck.denoiser
+        lo = s.sigma_min if s.sigma_min is not None else d.sigma_min
+        hi = s.sigma_max if s.sigma_max is not None else d.sigma_max
+        tune_s = SampleSettings(**{**asdict(s), "n": draws})
+        labels = labels_for(tune_s, d.num_classes)
+        bound = Conditioned(d, labels.to(device) if labels is not None else None, s.cfg, s.cfg_interval)
+        sig, before, after = tune_schedule(bound, s.sampler, s.steps, lo, hi, (ck.channels, ck.resolution,
+                                           ck.resolution), draws=draws, start=default_schedule(s.sampler, d.process),
+                                           options=s.options, device=device, log=log)
+        save_tuned_schedule(path, s.sampler, sig, {"checkpoint_sha256": sha, "rms_before": f"{before:.6g}",
+                                                   "rms_after": f"{after:.6g}", "draws": draws, "cfg": s.cfg})
+    sig = load_tuned_schedule(path, s.sampler, s.steps)
+    if sig is None:
+        have = ", ".join(tuned_keys(path)) or "none"
+        raise UserError(f"--schedule tuned: no tuned grid for {s.sampler} with {s.steps} steps in {path} (have: "
+                        f"{have}); create one with --tune-schedule")
+    s.sigmas = [float(v) for v in sig]
+
+
 def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, device: torch.device,
-             indices: range | None = None, show_progress: bool = True) -> tuple[Tensor, dict]:
+             indices: range | None = None, show_progress: bool = True, classifier=None) -> tuple[Tensor, dict]:
     """Sample images `indices` (default 0..n-1) of the run: (N, C, H, W) float in [-1, 1] and a record.
 
     Image i depends only on (seed, i) and the settings: its initial noise and every later noise draw come
@@ -104,9 +160,13 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
     info = SAMPLER_INFO[s.sampler]
     sigmas = sigma_grid(denoiser, s).to(device)
     labels = labels_for(s, denoiser.num_classes)
+    if labels is None and classifier is not None:  # unconditional model, classifier chooses the classes
+        labels = labels_for(s, classifier.num_classes)
     opts = dict(s.options)
-    if s.sampler == "ddim":
-        opts["eta"] = s.eta if s.eta is not None else 0.0
+    if s.eta is not None:
+        opts["eta"] = s.eta
+    elif s.sampler == "ddim":
+        opts["eta"] = 0.0
     out, nfe, net_evals = [], 0, 0
     t0 = time.perf_counter()
     idx = list(indices)
@@ -119,7 +179,9 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
             x = torch.stack([torch.randn(channels, resolution, resolution, generator=g) for g in gens])
             x = x.to(device=device, dtype=torch.float64) * sigmas[0]
             cond = labels[batch].to(device) if labels is not None else None
-            guided = Conditioned(denoiser, cond, s.cfg)
+            guided = Conditioned(denoiser, cond if denoiser.num_classes else None, s.cfg, s.cfg_interval)
+            if classifier is not None and s.classifier_scale > 0:
+                guided = ClassifierGuided(guided, classifier, cond, s.classifier_scale)
             counter = NFECounter(guided)
             x0 = info.fn(counter, x, sigmas, generator=gens, **opts)
             out.append(x0.float().clamp(-1, 1).cpu())

@@ -38,3 +38,30 @@ class Conditioned:
         d = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, null]))
         d_cond, d_uncond = d.chunk(2)
         return d_uncond + self.scale * (d_cond - d_uncond)
+
+
+class ClassifierGuided:
+    """Classifier guidance (Dhariwal & Nichol 2021, Algorithm 1, in the denoiser form of Karras et al.'s
+    notation): D_s(x, σ) = D(x, σ) + s·σ²·∇_x log p(y | x, σ), the posterior mean of the tilted density
+    p(x) p(y|x)^s. `inner` is a denoiser already bound to its labels (e.g. `Conditioned`), `classifier(x, σ)`
+    returns logits (B, K) and `labels` (B,) are the requested classes. s = 0 is `inner` unchanged (and makes
+    no classifier call)."""
+
+    def __init__(self, inner, classifier, labels: Tensor, scale: float) -> None:
+        self.inner, self.classifier, self.labels, self.scale = inner, classifier, labels, scale
+
+    @property
+    def network_evaluations(self) -> int:
+        return getattr(self.inner, "network_evaluations", 0)
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        d = self.inner(x, sigma)
+        if self.scale == 0:
+            return d
+        with torch.enable_grad():
+            xg = x.detach().float().requires_grad_(True)
+            logp = torch.log_softmax(self.classifier(xg, sigma.float()), dim=1)
+            picked = logp.gather(1, self.labels.to(x.device).long()[:, None]).sum()
+            (grad,) = torch.autograd.grad(picked, xg)
+        s2 = sigma.to(d.dtype).reshape(-1, *([1] * (x.ndim - 1))) ** 2
+        return d + self.scale * s2 * grad.to(d.dtype)

@@ -253,6 +253,10 @@ class _Signals:
 def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False, device: str | None = None,
           log=print, show_progress: bool = True, nan_at_step: int | None = None) -> TrainResult:
     """Train a denoiser from a recipe into the run folder `out` (see module docstring)."""
+    if recipe.task == "classifier":  # noise-conditional classifier for classifier guidance (diffcli.classifier)
+        from .classifier import train_classifier
+        return train_classifier(recipe, out, resume=resume, force=force, device=device, log=log,
+                                show_progress=show_progress)
     if recipe.task != "denoiser":
         raise UserError(f"task = {recipe.task!r}: diffcli train supports task = 'denoiser' in this version")
     recipe = prepare_run_folder(out, recipe, resume=resume, force=force)

@@ -166,3 +166,59 @@ def _golden_value(name, oracle, noise) -> float:
 @pytest.mark.parametrize("name", list(GOLDEN))
 def test_golden_numbers(name, oracle, noise):
     assert _golden_value(name, oracle, noise) == pytest.approx(GOLDEN[name], rel=1e-5)
+
+
+def test_tuned_schedule_beats_its_start_and_is_stored_beside_the_checkpoint(tmp_path):
+    from diffcli.samplers import load_tuned_schedule, save_tuned_schedule, tune_schedule, tuned_schedule_path
+
+    gm = GaussianMixtureDenoiser.random(k=8, shape=(1, 2, 2), std=0.05, seed=2)
+    sig, before, after = tune_schedule(gm, "dpmpp_2m", 6, 0.002, 80.0, (1, 2, 2), draws=32, max_evals=80)
+    assert after < 0.7 * before
+    assert len(sig) == 7 and float(sig[0]) == 80.0 and float(sig[-1]) == 0.0 and bool((sig[1:] < sig[:-1]).all())
+    # held-out noise: the tuned grid still beats the default one
+    x = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(99), dtype=torch.float64) * 80
+    with exact_denoiser_calls():
+        ref = sample_rk45(gm, x, get_sigmas("karras", 2, 0.002, 80.0), rtol=1e-9, atol=1e-9)
+    base = _rms(SAMPLERS["dpmpp_2m"](gm, x, get_sigmas("karras", 6, 0.002, 80.0)), ref)
+    assert _rms(SAMPLERS["dpmpp_2m"](gm, x, sig), ref) < base
+    ck = tmp_path / "model.safetensors"
+    ck.write_bytes(b"not touched")
+    side = tuned_schedule_path(ck)
+    assert side.name == "model.schedules.safetensors"
+    save_tuned_schedule(side, "dpmpp_2m", sig, {"rms_after": after})
+    assert torch.equal(load_tuned_schedule(side, "dpmpp_2m", 6), sig)
+    assert load_tuned_schedule(side, "dpmpp_2m", 5) is None
+    assert ck.read_bytes() == b"not touched"
+
+
+def test_sample_cli_sampler_errors_exit_2_with_one_line(tiny_ckpt, tmp_path, capsys):
+    from diffcli.cli import main
+
+    cases = [
+        (["--sampler", "nope"], "--sampler"), (["--schedule", "foo"], "--schedule"),
+        (["--sampler", "heun", "--eta", "0.5"], "--eta"), (["--sampler", "ddim", "--eta", "1.5"], "--eta"),
+        (["--sampler", "pc", "--snr", "2"], "--snr"), (["--sampler", "heun", "--s-churn", "-1"], "--s-churn"),
+        (["--sampler", "ald", "--nfe", "3"], "--nfe"), (["--sampler", "rk45", "--nfe", "10"], "--nfe"),
+        (["--sampler", "dpmpp_2m", "--nfe", "5", "--schedule", "tuned"], "--schedule tuned"),
+        (["--sampler", "pc", "--schedule", "tuned", "--steps", "4"], "--schedule tuned"),
+        (["--sampler", "euler", "--snr", "0.1"], "--snr"),
+    ]
+    for args, needle in cases:
+        rc = main(["sample", str(tiny_ckpt), *args, "--n", "2", "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert rc == 2, (args, err)
+        assert needle in err and len(err.strip().splitlines()) == 1 and err.startswith("error: "), (args, err)
+
+
+def test_sample_cli_nfe_is_exact_in_sample_json(tiny_ckpt, tmp_path, capsys):
+    import json
+
+    from diffcli.cli import main
+
+    for sampler, budget, want in (("heun", 6, 5), ("pc", 7, 7), ("unipc", 4, 4)):
+        out = tmp_path / sampler
+        assert main(["sample", str(tiny_ckpt), "--sampler", sampler, "--nfe", str(budget), "--n", "2",
+                     "--out", str(out), "--device", "cpu"]) == 0
+        assert json.loads((out / "sample.json").read_text())["nfe"] == want
+    assert main(["sample", "--list"]) == 0
+    assert "2N-1" in capsys.readouterr().out
