@@ -370,13 +370,15 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
             window_imgs += x0.shape[0]
             step += 1
             bar.update(task, completed=step, info=f"loss {loss_v:.4f}")
-            if step % t.log_every == 0 or step == t.max_steps:
+            budget_spent = t.max_minutes is not None and (time.perf_counter() - t0) > 60 * t.max_minutes
+            # Rows are also cut at every checkpoint, so a resumed run logs the very same windows.
+            if (step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.max_steps or budget_spent
+                    or sigs.received):
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_t, 1e-9)
-                metrics.write([step, f"{sum(window) / len(window):.8g}", f"{lr:.6g}", f"{ips:.1f}",
-                               f"{now - t0:.2f}"])
+                mean_loss = f"{sum(window) / len(window):.8g}" if window else "nan"
+                metrics.write([step, mean_loss, f"{lr:.6g}", f"{ips:.1f}", f"{now - t0:.2f}"])
                 window, window_imgs, window_t = [], 0, now
-            budget_spent = t.max_minutes is not None and (time.perf_counter() - t0) > 60 * t.max_minutes
             if step % t.checkpoint_every == 0 or step == t.max_steps or budget_spent or sigs.received:
                 last_ck = checkpoint(step)
             if step % t.sample_every == 0 or step == t.max_steps or budget_spent:
