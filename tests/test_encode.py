@@ -1,0 +1,287 @@
+"""diffcli.encode: ODE inversion, latents, likelihood — against the Gaussian-mixture oracle's exact answers —
+and `diffcli encode` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffcli.encode import (LOG2_BIN, ODESpec, bits_per_dim, decode, dequantize, encode, gaussian_log_prob,
+                            invert_final_step, log_likelihood, slerp)
+from diffcli.oracle import GaussianMixtureDenoiser
+
+from conftest import run_cli
+
+
+def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).square().mean().sqrt())
+
+
+def _samples(gm, n: int, seed: int = 1) -> torch.Tensor:
+    return gm.sample(n, torch.Generator().manual_seed(seed))
+
+
+# --- round trip ---------------------------------------------------------------------------------------------
+def test_final_step_inverts_the_decoders_last_step(gm):
+    """The encoder's start x(σ_min) is what the decoder's last step D(·, σ_min) maps back onto the input."""
+    x0 = _samples(gm, 32)
+    x, calls, res = invert_final_step(lambda x, s: gm(x, s), x0, gm.sigma_min)
+    assert res < 1e-6 and calls <= 4
+    assert _rms(gm(x, torch.full((32,), gm.sigma_min)), x0) < 1e-6
+    assert _rms(x, x0) > 1e-7  # it did move: x(σ_min) ≠ x0
+
+
+@pytest.mark.parametrize("solver,steps", [("unipc", 50), ("heun", 80)])
+def test_round_trip_rms_below_1e_4(gm, solver, steps):
+    x0 = _samples(gm, 64)
+    spec = ODESpec(solver=solver, steps=steps, schedule="logsnr" if solver == "unipc" else "karras")
+    e = encode(gm, x0, spec)
+    y, nfe = decode(gm, e.latents, spec)
+    assert _rms(y, x0) < 1e-4
+    assert nfe == {"unipc": 50, "heun": 159}[solver]
+
+
+def test_round_trip_error_falls_with_order_and_nfe(gm):
+    x0 = _samples(gm, 64)
+    errs = {}
+    for solver in ("ddim", "heun"):
+        for steps in (10, 20, 40, 80):
+            spec = ODESpec(solver=solver, steps=steps)
+            y, _ = decode(gm, encode(gm, x0, spec).latents, spec)
+            errs[solver, steps] = _rms(y, x0)
+    for solver, rate in (("ddim", 1.6), ("heun", 3.0)):  # order 1 halves the error per doubling, order 2 quarters
+        assert errs[solver, 10] / errs[solver, 20] > rate
+        assert errs[solver, 20] / errs[solver, 40] > rate
+    for steps in (10, 20, 40):  # at equal NFE (heun pays 2 per level) the 2nd-order solver still wins
+        assert errs["heun", steps] < errs["ddim", 2 * steps]
+
+
+def test_rk45_tolerance_controls_the_round_trip(gm):
+    x0 = _samples(gm, 32)
+    out = []
+    for rtol in (1e-3, 1e-6):
+        spec = ODESpec(solver="rk45", steps=2, options={"rtol": rtol, "atol": rtol})
+        y, _ = decode(gm, encode(gm, x0, spec).latents, spec)
+        out.append(_rms(y, x0))
+    assert out[1] < 1e-4 and out[1] < out[0] / 10
+
+
+def test_latents_of_mixture_samples_are_standard_normal(gm):
+    from scipy import stats
+
+    n = 2000
+    x0 = _samples(gm, n, seed=7)
+    e = encode(gm, x0, ODESpec(solver="unipc", steps=25, schedule="logsnr"))
+    eps = (e.latents / gm.sigma_max).flatten(1)
+    d = eps.shape[1]
+    assert eps.mean(0).abs().max() < 4 / math.sqrt(n)
+    cov = torch.cov(eps.T)
+    assert (cov - torch.eye(d, dtype=cov.dtype)).abs().max() < 5 * math.sqrt(2 / n)
+    for j in range(d):
+        assert stats.kstest(eps[:, j].numpy(), "norm").pvalue > 1e-3
+    # and the data themselves are far from N(0, I): the test can tell
+    assert (torch.cov(x0.flatten(1).T) - torch.eye(d, dtype=torch.float64)).abs().max() > 0.5
+
+
+def test_class_conditional_round_trip(gm):
+    cond = torch.full((32,), 2, dtype=torch.long)
+    x0 = gm.sample(32, torch.Generator().manual_seed(3), cond=cond)
+    spec = ODESpec(solver="unipc", steps=50, schedule="logsnr")
+    e = encode(gm, x0, spec, cond=cond)
+    y, _ = decode(gm, e.latents, spec, cond=cond)
+    assert _rms(y, x0) < 1e-4
+    e0 = encode(gm, x0, spec)  # the unconditional path is another bijection
+    assert _rms(e0.latents, e.latents) > 1e-2
+
+
+def test_slerp():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
+    assert torch.allclose(slerp(a, b, 0.0), a.double()) and torch.allclose(slerp(a, b, 1.0), b.double())
+    u = torch.tensor([[1.0, 0.0]])
+    v = torch.tensor([[0.0, 1.0]])
+    mid = slerp(u, v, 0.5)
+    assert torch.allclose(mid, torch.tensor([[math.sqrt(0.5), math.sqrt(0.5)]], dtype=torch.float64))
+    assert torch.allclose(slerp(u, u, 0.3), u.double())  # parallel: no division by zero
+
+
+# --- likelihood ---------------------------------------------------------------------------------------------
+def test_nll_exact_divergence_matches_the_mixture_density():
+    gm = GaussianMixtureDenoiser.random(k=4, shape=(1, 4, 4), std=0.1, seed=0)
+    x0 = _samples(gm, 16)
+    exact = gm.log_prob(x0, 0.0)
+    assert exact.abs().min() > 1.0  # so that "within 1%" means something
+    L = log_likelihood(gm, x0, ODESpec(solver="unipc", steps=80, schedule="logsnr"), exact=True)
+    assert ((L.log_prob - exact).abs() / exact.abs()).max() < 0.01
+    # like with like: the ODE part alone, with the exact density at σ_max in place of the N(0, σ_max² I) prior,
+    # must give the exact log p_σmin at the start of the path (a tight tolerance needs a tight solver)
+    spec = ODESpec(solver="rk45", steps=2, options={"rtol": 1e-7, "atol": 1e-7})
+    R = log_likelihood(gm, x0[:4], spec, exact=True)
+    e = encode(gm, x0[:4], spec)
+    ode_part = R.log_prob_sigma_min - gaussian_log_prob(R.latents, gm.sigma_max) + gm.log_prob(R.latents, gm.sigma_max)
+    assert (ode_part - gm.log_prob(e.x_sigma_min, gm.sigma_min)).abs().max() < 1e-4
+    assert (L.se == 0).all() and L.exact
+
+
+def test_nll_converges_with_nfe(gm):
+    x0 = _samples(gm, 8)
+    exact = gm.log_prob(x0, 0.0)
+    errs = [float((log_likelihood(gm, x0, ODESpec("heun", n), exact=True).log_prob - exact).abs().max())
+            for n in (20, 40)]
+    assert errs[1] < errs[0] / 2.5
+
+
+def test_hutchinson_is_unbiased(gm):
+    x0 = _samples(gm, 2, seed=5)
+    spec = ODESpec(solver="unipc", steps=40, schedule="logsnr")
+    exact = log_likelihood(gm, x0, spec, exact=True).log_prob
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(2)]
+    H = log_likelihood(gm, x0, spec, probes=256, generators=gens)
+    assert H.per_probe.shape == (2, 256)
+    assert (H.se > 0).all()
+    assert ((H.log_prob - exact).abs() < 3 * H.se).all()
+    # the estimator does vary with the probes (else "unbiased" would be trivially true)
+    assert (H.per_probe.std(1) > 1e-3).all()
+
+
+def test_dequantization_and_bits_per_dim():
+    x = torch.tensor([[[[-1.0, 1.0], [0.0, 127 / 127.5 - 1]]]])
+    gens = [torch.Generator().manual_seed(0)]
+    xq = dequantize(x, gens)
+    assert ((xq - x.double()).abs() <= 1 / 255 + 1e-12).all() and not torch.equal(xq, x.double())
+    # a uniform density on [-1, 1]^D, log p = -D log 2, is 1 bit/dim in [-1, 1] units: 8 bits at 8-bit scale
+    # with a bin of 2/255: log2(255) = 1 + log2(127.5)
+    d = 4
+    assert float(bits_per_dim(torch.tensor([-d * math.log(2)]), d)) == pytest.approx(1 + LOG2_BIN)
+    assert 1 + LOG2_BIN == pytest.approx(math.log2(255))
+
+
+# --- CLI end to end -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digit_pngs(tmp_path_factory) -> Path:
+    from diffcli.data import digits_arrays
+    from diffcli.images import save_png
+
+    folder = tmp_path_factory.mktemp("digits_png")
+    x, _ = digits_arrays("test")
+    for i in range(3):
+        save_png(folder / f"d{i}.png", torch.from_numpy(x[i]))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_ckpt, digit_pngs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("enc") / "out"
+    r = run_cli("encode", tiny_ckpt, digit_pngs, "--out", out, "--solver", "heun", "--nfe", "11", "--nll",
+                "--probes", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_cli_encode_writes_latents_report_and_grid(encoded, tiny_ckpt):
+    from diffcli.checkpoint import file_hash, read_safetensors
+
+    rec = json.loads((encoded / "encode.json").read_text())
+    assert rec["solver"] == "heun" and rec["noise_levels"] == 6 and rec["nfe_decode"] == 11
+    assert rec["checkpoint_sha256"] == file_hash(tiny_ckpt)
+    assert len(rec["images"]) == 3
+    for im in rec["images"]:
+        assert im["psnr_db"] > 20 and im["max_abs_error"] < 0.5 and 0 < im["bits_per_dim"] < 16
+    assert rec["overall"]["psnr_db"] > 20
+    assert rec["nll"]["se"] > 0 and rec["nll"]["divergence"].startswith("hutchinson")
+    t, meta = read_safetensors(encoded / "latents.safetensors")
+    assert t["latents"].shape == (3, 1, 8, 8) and meta["checkpoint_sha256"] == file_hash(tiny_ckpt)
+    assert meta["solver"] == "heun" and meta["sigma_min"] and meta["sigma_max"] and meta["nfe_decode"] == "11"
+    from PIL import Image
+
+    with Image.open(encoded / "reconstruction.png") as im:
+        assert im.size[0] > im.size[1] / 3  # three columns
+
+
+def test_cli_decode_reproduces_the_reconstruction(encoded, tiny_ckpt, digit_pngs, tmp_path):
+    out = tmp_path / "dec"
+    r = run_cli("encode", tiny_ckpt, "--decode", encoded / "latents.safetensors", "--out", out, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((out / "decode.json").read_text())
+    assert rec["n"] == 3 and rec["solver"] == "heun" and rec["nfe_decode"] == 11
+    import numpy as np
+
+    from diffcli.images import load_png_uint8
+
+    for i in range(3):
+        a = load_png_uint8(out / "images" / f"{i:06d}.png").astype(int)
+        b = load_png_uint8(digit_pngs / f"d{i}.png").astype(int)
+        psnr_i = json.loads((encoded / "encode.json").read_text())["images"][i]["psnr_db"]
+        assert np.abs(a - b).max() <= 255 * 2 * 10 ** (-psnr_i / 20) * 8 + 1
+
+
+def test_cli_interpolate_with_class_and_cfg_warning(tiny_ckpt, digit_pngs, tmp_path):
+    out = tmp_path / "walk"
+    r = run_cli("encode", tiny_ckpt, digit_pngs / "d0.png", digit_pngs / "d1.png", "--interpolate", "--frames", "5",
+                "--nfe", "6", "--solver", "ddim", "--class", "3", "--cfg", "2", "--out", out, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "warning" in r.stderr and "invertib" in r.stderr
+    from PIL import Image
+
+    with Image.open(out / "interpolation.png") as im:
+        w, h = im.size
+    assert w > 4 * h  # one row of 5 frames
+    rec = json.loads((out / "encode.json").read_text())
+    assert rec["interpolation"]["frames"] == 5 and rec["class"] == 3 and rec["warnings"]
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tiny_ckpt, digit_pngs, encoded, tmp_path):
+    from diffcli.checkpoint import read_safetensors, save_safetensors
+    from diffcli.images import save_png
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "notes.txt").write_text("hello")
+    save_png(tmp_path / "rgb.png", torch.zeros(3, 8, 8))
+    other = tmp_path / "other.safetensors"  # another checkpoint: same weights, other metadata → other hash
+    t, meta = read_safetensors(tiny_ckpt)
+    save_safetensors(other, t, {**meta, "step": "999"})
+    d0, out = digit_pngs / "d0.png", tmp_path / "o"
+    cases = [  # the bad inputs the issue names, through the real command line
+        (["encode", tiny_ckpt, tmp_path / "broken.png", "--out", out], "broken.png"),
+        (["encode", tiny_ckpt, tmp_path / "notes.txt", "--out", out], "notes.txt"),
+        (["encode", tiny_ckpt, tmp_path / "rgb.png", "--out", out], "channel"),
+        (["encode", other, "--decode", encoded / "latents.safetensors", "--out", out], "sha256"),
+        (["encode", tiny_ckpt, d0, "--interpolate", "--out", out], "--interpolate"),
+        (["encode", tiny_ckpt, d0, "--solver", "heun", "--nfe", "2", "--out", out], "--nfe 2"),
+    ]
+    for args, needle in cases:
+        r = run_cli(*args, "--device", "cpu")
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (args, r.stderr)
+    assert not out.exists()  # nothing written for bad input
+
+
+def test_cli_bad_options_exit_2_in_process(tiny_ckpt, digit_pngs, tmp_path, capsys):
+    """More bad options, through `main()` in-process (same error mapping, no interpreter start-up)."""
+    from diffcli.cli import main
+
+    d0, out = digit_pngs / "d0.png", tmp_path / "o"
+    cases = [
+        (["encode", tiny_ckpt, tmp_path / "missing.png", "--out", out], "missing.png"),
+        (["encode", tiny_ckpt, d0, "--solver", "ddpm", "--out", out], "ddpm"),
+        (["encode", tiny_ckpt, d0, "--solver", "rk45", "--nfe", "20", "--out", out], "--rtol"),
+        (["encode", tiny_ckpt, d0, "--solver", "heun", "--rtol", "1e-4", "--out", out], "--rtol"),
+        (["encode", tiny_ckpt, d0, "--exact-divergence", "--out", out], "--nll"),
+        (["encode", tiny_ckpt, d0, "--nll", "--cfg", "2", "--class", "1", "--out", out], "--cfg"),
+        (["encode", tiny_ckpt, d0, "--class", "10", "--out", out], "--class 10"),
+        (["encode", tiny_ckpt, d0, "--frames", "1", "--interpolate", "--out", out], "--frames"),
+        (["encode", tiny_ckpt, "--out", out], "INPUTS"),
+        (["encode", tiny_ckpt, "--decode", d0, "--out", out], "d0.png"),
+    ]
+    for args, needle in cases:
+        rc = main([str(a) for a in args] + ["--device", "cpu"])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2, (args, err)
+        assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], (args, err)
+    assert not out.exists()
