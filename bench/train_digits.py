@@ -89,7 +89,7 @@ def train_peer(minutes: float, out: Path, seed: int = 0) -> dict:
     return info
 
 
-def sample_peer(out: Path, n: int, seed: int = 0):
+def sample_peer(out: Path, n: int, seed: int = 0, steps: int = 1000):
     import torch
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file
@@ -98,7 +98,7 @@ def sample_peer(out: Path, n: int, seed: int = 0):
     model.load_state_dict(load_file(str(out / "peer_ema.safetensors")))
     model.eval()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    sched.set_timesteps(1000)
+    sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 8, 8, generator=g)
     t0 = time.perf_counter()
@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for each trainer")
     ap.add_argument("--out", type=Path, default=REPO / "bench/out/train_digits")
     ap.add_argument("--recipe", type=Path, default=REPO / "recipes/digits.toml")
+    ap.add_argument("--peer-steps", type=int, default=1000, help="DDPM steps for the peer (its pipeline: 1000)")
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     _threads(args.threads)
@@ -171,8 +172,9 @@ def main() -> None:
         if cls is None:
             res["diffcli_cond"]["class_accuracy"] = class_accuracy(imgs, torch.tensor(rec["labels"]))
         save_grid(args.out / f"diffcli_{label}_grid.png", imgs[:100], nrow=10)
-    peer_imgs, peer_secs = sample_peer(args.out, args.n)
-    res["diffusers"] = {"fd": digits_frechet_distance(peer_imgs, ref), "nfe": 1000, "sample_seconds": peer_secs}
+    peer_imgs, peer_secs = sample_peer(args.out, args.n, steps=args.peer_steps)
+    res["diffusers"] = {"fd": digits_frechet_distance(peer_imgs, ref), "nfe": args.peer_steps,
+                        "sample_seconds": peer_secs}
     save_grid(args.out / "diffusers_grid.png", peer_imgs[:100], nrow=10)
     res["train"] = {"diffcli": {**ours_info, "parameters": ours_params}, "diffusers": peer_info}
     res["ratio_fd_diffcli_cond_over_diffusers"] = res["diffcli_cond"]["fd"] / res["diffusers"]["fd"]
