@@ -134,10 +134,12 @@ class Denoiser(nn.Module):
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         return cond.to(device=device, dtype=torch.long)
 
-    def raw(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(F, c_skip, c_out): the network's own output and the scalings, for losses in F space."""
+    def raw(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, *,
+            net: nn.Module | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(F, c_skip, c_out): the network's own output and the scalings, for losses in F space.
+        `net` runs instead of `self.net` — e.g. its DistributedDataParallel wrapper during training."""
         c_in, c_skip, c_out, c_noise = self.scalings(sigma)
-        pred = self.net(c_in * x, c_noise, self._labels(cond, x.shape[0], x.device))
+        pred = (net or self.net)(c_in * x, c_noise, self._labels(cond, x.shape[0], x.device))
         return pred.float(), c_skip, c_out
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -146,7 +148,7 @@ class Denoiser(nn.Module):
         return c_skip * x.float() + c_out * pred
 
     def loss(self, x0: Tensor, cond: Tensor | None = None, *, generator: torch.Generator | None = None,
-             sigma: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+             sigma: Tensor | None = None, noise: Tensor | None = None, net: nn.Module | None = None) -> Tensor:
         """Per-sample weighted denoising loss (B,). σ and ε are drawn from `generator` (CPU) unless given."""
         b = x0.shape[0]
         if sigma is None:
@@ -157,7 +159,7 @@ class Denoiser(nn.Module):
             noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         s = sigma.reshape(-1, 1, 1, 1)
         x = x0 + s * noise
-        pred, c_skip, c_out = self.raw(x, sigma, cond)
+        pred, c_skip, c_out = self.raw(x, sigma, cond, net=net)
         target = (x0 - c_skip * x) / c_out
         w = loss_weight(self.weighting, self.parameterization, sigma, self.sigma_data, self.min_snr_gamma)
         return w * (pred - target).square().flatten(1).mean(1)
