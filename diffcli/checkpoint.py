@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -30,14 +32,24 @@ from .recipes import Recipe, recipe_from_json
 FORMAT_VERSION = "1"
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"}
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "…"
 
 
 # --- atomic writes ----------------------------------------------------------------------------------------
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # a full disk or a read-only folder can fail here already: the same clean RunFailure
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise RunFailure(f"cannot write {path}: {e.strerror or e}; the previous file is intact") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -77,12 +89,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # what atomic_write_bytes' mkstemp names look like
+
+
 def clean_temporaries(folder: str | Path) -> int:
-    """Remove leftovers of interrupted atomic writes (`.NAME.XXXX.tmp`); returns how many."""
+    """Remove leftovers of interrupted atomic writes (`.NAME.XXXXXXXX.tmp`) in `folder`; returns how many.
+
+    Not recursive on purpose: callers name the folders diffcli writes to, so a user's own files elsewhere
+    (say `--out .`) are never touched."""
     n = 0
-    for p in Path(folder).rglob(".*.tmp"):
-        _unlink(p)
-        n += 1
+    if not Path(folder).is_dir():
+        return 0
+    for p in Path(folder).glob(".*.tmp"):
+        if _TEMPORARY.match(p.name) and p.is_file() and not p.is_symlink():
+            _unlink(p)
+            n += 1
     return n
 
 
@@ -123,7 +144,7 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise UserError(f"checkpoint {str(p)!r} cannot be read: {e.strerror or e}") from None
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
         raise UserError(f"{p}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise UserError(f"{p}: not a safetensors file (header is not a JSON object)")
@@ -144,6 +165,13 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
         if b0 < a1:
             raise UserError(f"{p}: tensors {an!r} and {bn!r} overlap")
+    for name, e in header.items():
+        dtype, shape, (o0, o1) = e["dtype"], e["shape"], e["data_offsets"]
+        if (not isinstance(dtype, str) or not isinstance(shape, list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise UserError(f"{p}: tensor {name!r} has a malformed dtype {_short(dtype)} or shape {_short(shape)}")
+        if dtype in DTYPE_BYTES and math.prod(shape) * DTYPE_BYTES[dtype] != o1 - o0:
+            raise UserError(f"{p}: tensor {name!r} ({dtype} {_short(shape)}) does not fit its {o1 - o0} bytes")
     return header, meta
 
 
@@ -175,7 +203,8 @@ def build_net(recipe: Recipe, channels: int, resolution: int, num_classes: int) 
     return UNet(in_channels=channels, out_channels=channels, resolution=resolution, channels=m.channels,
                 channel_mult=m.channel_mult, num_res_blocks=m.num_res_blocks,
                 attention_resolutions=m.attention_resolutions, head_channels=m.head_channels,
-                dropout=m.dropout, num_classes=num_classes, noise_embedding=m.noise_embedding)
+                dropout=m.dropout, num_classes=num_classes, noise_embedding=m.noise_embedding,
+                guidance_embedding=m.guidance_embedding)
 
 
 def build_denoiser(recipe: Recipe, channels: int, resolution: int, num_classes: int) -> Denoiser:

@@ -5,6 +5,7 @@ Exit codes: 0 ok · 1 runtime failure · 2 bad input (one line `error: …`) · 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -63,6 +64,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start over in an --out that already holds a run."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N [default: recipe]."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes (devices) to train on: launches torchrun."),
 ) -> None:
     """Train a denoiser from a recipe; writes checkpoints, grids and metrics.csv into the run folder.
 
@@ -73,9 +75,10 @@ def train(
       diffcli train recipes/digits.toml --set train.lr=2e-3 --max-steps 500 --out runs/try
 
       diffcli train --out runs/digits --resume
+
+      diffcli train recipes/cifar10.toml --nproc 4      (or: torchrun --nproc-per-node 4 -m diffcli train …)
     """
     from .recipes import load_recipe
-    from .train import train as run_train
 
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps {max_steps}: must be ≥ 1")
@@ -85,9 +88,26 @@ def train(
         recipe = out / "recipe.toml"
     overrides = list(set_) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
     rec = load_recipe(recipe, overrides)
-    out = out or Path("runs") / (rec.name or recipe.stem)
+    if out is None:  # the default run folder comes from the recipe: it must stay inside runs/
+        name = rec.name or recipe.stem
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise UserError(f"{recipe}: name = {name!r} is not a plain folder name; the default run folder is "
+                            f"runs/NAME (or give --out)")
+        out = Path("runs") / name
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: must be ≥ 1")
+    if nproc > 1:  # the recipe is valid and the folder usable: now hand over to torchrun
+        from .train import check_run_folder
+
+        check_run_folder(out, resume=resume, force=force)
+        argv = [a for a in sys.argv[1:] if a != "--debug"]
+        raise typer.Exit(_relaunch_without_nproc(nproc, argv))
+    from .train import train as run_train  # torch loads only once the recipe is known to be good
+
     con = _console()
     res = run_train(rec, out, resume=resume, force=force, device=device, log=con.print)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     con.print(_table("diffcli train", [
         ("run folder", str(res.out)), ("steps", str(res.step)), ("stopped by", res.stopped_by),
         ("last loss", f"{res.last_loss:.5f}"), ("images/s", f"{res.images_per_s:.0f}"),
@@ -153,10 +173,12 @@ def sample(
     if checkpoint is None:
         raise UserError("sample needs a CHECKPOINT (a .safetensors file)")
     from .checkpoint import load_checkpoint
-    from .generate import SampleSettings, generate, validate_settings, write_sample_folder
+    from .generate import SampleSettings, validate_settings, write_sample_folder
     from .runtime import resolve_device
 
-    dev = resolve_device(device)
+    from . import distributed as dist
+
+    world, dev = dist.init(resolve_device(device))  # under torchrun: one rank per device, images sharded
     ck = load_checkpoint(checkpoint, dev)
     rs = ck.recipe.sample
     name = sampler or rs.sampler
@@ -204,12 +226,20 @@ def sample(
         raise UserError(f"--out {str(out)!r} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"--out {str(out)!r} is not empty; choose another folder or pass --force to overwrite")
+    _refuse_escaping_subfolders(out, ("images",))
     if s.schedule == "tuned":
         from .generate import resolve_tuned_schedule
 
         resolve_tuned_schedule(ck, s, dev, tune=tune_schedule, draws=tune_draws, log=_console().print)
-    images, record = generate(ck.denoiser, ck.channels, ck.resolution, s, device=dev, classifier=clf)
+    from .generate import generate_sharded
+
+    result = generate_sharded(ck.denoiser, ck.channels, ck.resolution, s, device=dev, world=world, classifier=clf)
+    if result is None:  # not rank 0: rank 0 writes the folder
+        dist.finish()
+        return
+    images, record = result
     write_sample_folder(out, images, record, s, ck, dev)
+    dist.finish()
     _console().print(_table("diffcli sample", [
         ("images", f"{len(images)} → {out / 'images'}"), ("grid", str(out / "grid.png")),
         ("sampler", f"{record['sampler']} ({record['schedule']}, {record['steps']} steps)"),
@@ -264,6 +294,7 @@ def encode(
         raise UserError(f"--decode {str(decode)!r} takes no INPUTS (got {len(inputs)})")
     if decode is not None and interpolate:
         raise UserError("--interpolate needs two input images, not --decode")
+    _refuse_escaping_subfolders(out, ("images",))
     dev = resolve_device(device)
     ck = load_checkpoint(checkpoint, dev)
     con = _console()
@@ -349,6 +380,31 @@ def eval_fid(
         con.print(f"wrote {f}")
 
 
+def _refuse_escaping_subfolders(out: Path, subfolders: tuple[str, ...]) -> None:
+    """Output files have generated names inside --out; a sub-folder that is a symbolic link (say, in a folder
+    someone else prepared, written into with --force) would send them elsewhere, so it is refused."""
+    for sub in subfolders:
+        p = out / sub
+        if p.is_symlink() or (p.exists() and out.resolve() not in p.resolve().parents):
+            raise UserError(f"--out {str(out)!r}: {sub} is a symbolic link (to {str(p.resolve())!r}); diffcli writes "
+                            f"only inside --out — remove it or choose another folder")
+
+
+def _relaunch_without_nproc(nproc: int, argv: list[str]) -> int:
+    """Drop `--nproc N` / `--nproc=N` from the command line and run it under torchrun."""
+    from .distributed import relaunch
+
+    clean, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            clean.append(a)
+    return relaunch(nproc, clean)
+
+
 def _click_exceptions():
     """Typer ≥ 0.22 vendors click privately; older versions use click itself."""
     try:
@@ -388,4 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        return 1
+    except OSError as e:  # e.g. out of disk in a write no engine wrapped: a runtime failure, one line
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ from .errors import Interrupted, RunFailure, UserError
 from .generate import SampleSettings, generate
 from .images import save_grid
 from .recipes import Recipe, load_recipe
+from . import distributed as dist
 from .runtime import mix_seed, progress, resolve_device
 
 RUN_FILES = ("recipe.toml", "checkpoints", "samples", "last.safetensors", "metrics.csv")
@@ -52,7 +53,19 @@ class TrainResult:
 
 
 # --- run folder -------------------------------------------------------------------------------------------
-def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool) -> Recipe:
+def check_run_folder(out: Path, *, resume: bool, force: bool) -> None:
+    """The run-folder checks of `prepare_run_folder` that change nothing (for a launcher to run first)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, not a folder")
+    if resume and not (out / "recipe.toml").exists():
+        raise UserError(f"--resume: {str(out)!r} holds no run (no recipe.toml)")
+    existing = [f for f in RUN_FILES if (out / f).exists()]
+    if existing and not (resume or force):
+        raise UserError(f"--out {str(out)!r} already holds a run ({', '.join(existing)}); use --resume to continue "
+                        f"it or --force to start over")
+
+
+def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool, loader=None) -> Recipe:
     """Create, resume or (with --force) restart a run folder; never overwrite a run silently.
 
     Returns the recipe to train with (a resumed run keeps its own, with only the step budget taken anew)."""
@@ -62,7 +75,7 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool) 
     if resume:
         if not (out / "recipe.toml").exists():
             raise UserError(f"--resume: {str(out)!r} holds no run (no recipe.toml)")
-        saved = load_recipe(out / "recipe.toml")
+        saved = (loader or load_recipe)(out / "recipe.toml")  # loader: e.g. load_distill_recipe
         a = saved.model_dump(mode="json")
         b = recipe.model_dump(mode="json")
         for d in (a, b):
@@ -72,7 +85,7 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool) 
             raise UserError(f"--resume {str(out)!r}: the recipe differs from the run's recipe.toml in "
                             f"{', '.join(diff[:6])}; resume with the run's own recipe")
         saved.train.max_steps, saved.train.max_minutes = recipe.train.max_steps, recipe.train.max_minutes
-        clean_temporaries(out)
+        _clean_run_temporaries(out)
         return saved
     if existing and not force:
         raise UserError(f"--out {str(out)!r} already holds a run ({', '.join(existing)}); use --resume to continue "
@@ -82,7 +95,14 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool) 
             p = out / f
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    _clean_run_temporaries(out)  # e.g. a first save killed before any run file existed
     return recipe
+
+
+def _clean_run_temporaries(out: Path) -> None:
+    """Leftovers of atomic writes killed mid-save, in the folders a run writes to (and only there)."""
+    for folder in (out, out / "checkpoints", out / "samples"):
+        clean_temporaries(folder)
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -97,16 +117,33 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def latest_state(out: Path) -> tuple[int, Path] | None:
-    """The newest complete training state in a run folder (both files of a step present)."""
-    best = None
-    for p in (out / "checkpoints").glob("step_*.state.safetensors"):
-        try:
-            step = int(p.name.split("_")[1].split(".")[0])
-        except ValueError:
+    """The newest complete training state in a run folder, for --resume; None when no checkpoint was written yet.
+
+    A save writes the state file first, then the model checkpoint, so a state without its model file is a save
+    that was cut short: it is passed over. The reverse — the newest model checkpoint without its state, or a
+    last.safetensors without any state — means training state was lost, and that is an error (resuming from
+    an older state, or from scratch, would silently throw work away)."""
+    folder = out / "checkpoints"
+    models, states = {}, {}
+    for p in folder.glob("step_*.safetensors"):
+        head, _, rest = p.name[len("step_"):].partition(".")
+        if not head.isdigit() or rest not in ("safetensors", "state.safetensors"):
             continue
-        if (out / "checkpoints" / f"step_{step:07d}.safetensors").exists() and (best is None or step > best[0]):
-            best = (step, p)
-    return best
+        (states if rest == "state.safetensors" else models)[int(head)] = p
+    if not models:
+        if (out / "last.safetensors").exists():
+            raise UserError(f"--resume {str(out)!r}: last.safetensors exists but {str(folder)!r} holds no checkpoint "
+                            f"with training state; cannot resume (start over with --force)")
+        return None
+    step = max(models)
+    if step not in states:
+        raise UserError(f"--resume: {models[step]} has no training state ({models[step].name[:-len('.safetensors')]}"
+                        f".state.safetensors is missing); restore it, or delete {models[step].name} to resume from "
+                        f"the checkpoint before it")
+    from .checkpoint import read_header
+
+    read_header(models[step])  # a truncated model checkpoint is named now, not after hours of training
+    return step, states[step]
 
 
 # --- data order -------------------------------------------------------------------------------------------
@@ -137,9 +174,11 @@ class BatchOrder:
 class Batches:
     """Batches for step k from an in-memory tensor (on the device) or a streaming dataset."""
 
-    def __init__(self, data: ImageData, batch_size: int, seed: int, device: torch.device, workers: int) -> None:
+    def __init__(self, data: ImageData, batch_size: int, seed: int, device: torch.device, workers: int,
+                 world: dist.World = dist.World()) -> None:
         self.data, self.order, self.device = data, BatchOrder(len(data), batch_size, seed), device
         self.workers = workers
+        self.lo, self.hi = world.shard(batch_size)  # this rank's slice of every global batch
         if data.images is not None:
             self.images = data.images.to(device)
             self.labels = data.labels.to(device) if data.labels is not None else None
@@ -147,7 +186,7 @@ class Batches:
 
     def get(self, step: int) -> tuple[Tensor, Tensor | None]:
         if self.data.images is not None:
-            idx = self.order.indices(step).to(self.device)
+            idx = self.order.indices(step)[self.lo:self.hi].to(self.device)
             return self.images[idx], (self.labels[idx] if self.labels is not None else None)
         if self._iter is None or self._next_step != step:
             self._iter = self._stream(step)
@@ -157,16 +196,16 @@ class Batches:
         return x, (y.to(self.device) if self.data.num_classes else None)
 
     def _stream(self, start: int):
-        order = self.order
+        order, lo, hi = self.order, self.lo, self.hi
 
         class _Sampler(torch.utils.data.Sampler):
             def __iter__(self_inner):
                 step = start
                 while True:
-                    yield from order.indices(step).tolist()
+                    yield from order.indices(step)[lo:hi].tolist()
                     step += 1
 
-        loader = torch.utils.data.DataLoader(self.data.dataset, batch_size=order.b, sampler=_Sampler(None),
+        loader = torch.utils.data.DataLoader(self.data.dataset, batch_size=hi - lo, sampler=_Sampler(None),
                                              num_workers=self.workers, pin_memory=self.device.type == "cuda",
                                              persistent_workers=self.workers > 0)
         return iter(loader)
@@ -206,10 +245,21 @@ def save_state(path: Path, step: int, recipe: Recipe, net: torch.nn.Module, ema:
     save_safetensors(path, tensors, meta)
 
 
-def load_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
-    tensors, meta = read_safetensors(path)
+def load_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+               expect_step: int | None = None) -> int:
+    hint = (f"; restore it, or delete {path.name} and {path.name.replace('.state', '')} to resume from the "
+            f"checkpoint before it")
+    try:
+        tensors, meta = read_safetensors(path)
+    except UserError as e:  # corrupt or truncated: never fall back silently, say what to do
+        raise UserError(f"--resume: training state {e}{hint}") from None
     if meta.get("kind") != "train_state":
-        raise UserError(f"{path}: not a training state file")
+        raise UserError(f"{path}: not a training state file{hint}")
+    if expect_step is not None and meta.get("step") != str(expect_step):
+        raise UserError(f"{path}: holds step {meta.get('step')!r}, its name says {expect_step}{hint}")
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"{path}: tensor {k!r} has non-finite values{hint}")
     try:
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -259,16 +309,22 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
                                 show_progress=show_progress)
     if recipe.task != "denoiser":
         raise UserError(f"task = {recipe.task!r}: diffcli train supports task = 'denoiser' in this version")
-    recipe = prepare_run_folder(out, recipe, resume=resume, force=force)
+    dev = resolve_device(device or recipe.train.device)
+    world, dev = dist.init(dev)
+    if world.is_main:
+        recipe = prepare_run_folder(out, recipe, resume=resume, force=force)
+    dist.barrier(world)  # the other ranks see the folder rank 0 prepared (cleared, or resumed)
+    if not world.is_main:
+        recipe = prepare_run_folder(out, recipe, resume=resume, force=False)
     t = recipe.train
-    dev = resolve_device(device or t.device)
+    if t.batch_size < world.size:
+        raise UserError(f"train.batch_size = {t.batch_size} is smaller than the {world.size} processes")
     data = load_dataset(recipe.data)
     if data.skipped:
         log(f"skipped {data.skipped} unreadable image(s)")
     if len(data) == 0:
         raise UserError(f"data.name = {recipe.data.name!r}: the dataset is empty")
     num_classes = data.num_classes
-    atomic_write_bytes(out / "recipe.toml", recipe.to_toml().encode())
 
     torch.manual_seed(mix_seed(t.seed, 0, 3))  # initial weights depend only on the seed
     denoiser = build_denoiser(recipe, data.channels, data.resolution, num_classes).to(dev)
@@ -278,15 +334,26 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     if resume:
         found = latest_state(out)
         if found is not None:
-            start = load_state(found[1], denoiser.net, ema.net, opt)
+            start = load_state(found[1], denoiser.net, ema.net, opt, expect_step=found[0])
             log(f"resumed {out} at step {start}")
         else:
             log(f"no checkpoint in {out} yet; starting at step 0")
-    _truncate_metrics(out / "metrics.csv", start)
+    # Written only now, so that a refused --resume (lost or corrupt state) leaves the run folder untouched.
+    if world.is_main:
+        atomic_write_bytes(out / "recipe.toml", recipe.to_toml().encode())
+        _truncate_metrics(out / "metrics.csv", start)
     n_params = sum(p.numel() for p in denoiser.net.parameters())
     if t.compile:  # compile the forward only, so state-dict keys (and checkpoints) are unchanged
         denoiser.net.forward = torch.compile(denoiser.net.forward)
-    batches = Batches(data, t.batch_size, t.seed, dev, recipe.data.num_workers)
+    batches = Batches(data, t.batch_size, t.seed, dev, recipe.data.num_workers, world)
+    # The recipe's batch is the global batch: every rank draws the whole step's randomness from the same
+    # generator and keeps its slice [lo, hi), so N processes see exactly the samples one process would.
+    lo, hi = world.shard(t.batch_size)
+    train_net = denoiser.net
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_net = DistributedDataParallel(denoiser.net, device_ids=[dev.index] if dev.type == "cuda" else None)
     params = [p for p in denoiser.net.parameters()]
     ema_params = [p for p in ema.net.parameters()]
     grid_settings = SampleSettings(sampler=recipe.sample.sampler, steps=min(recipe.sample.steps, 50),
@@ -310,7 +377,7 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
         imgs, _ = generate(ema, data.channels, data.resolution, grid_settings, device=dev, show_progress=False)
         save_grid(out / "samples" / f"step_{step:07d}.png", imgs)
 
-    metrics = _MetricsWriter(out / "metrics.csv")
+    metrics = _MetricsWriter(out / "metrics.csv") if world.is_main else None
     t0 = time.perf_counter()
     step, last_loss, window, window_imgs, window_t = start, float("nan"), [], 0, time.perf_counter()
     last_finite, bad_steps, ips = float("nan"), 0, 0.0
@@ -318,25 +385,43 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     last_ck = None
     denoiser.train()
     with _Signals() as sigs, progress() as bar:
-        task = bar.add_task("training", total=t.max_steps, completed=start, info="", visible=show_progress)
+        task = bar.add_task("training", total=t.max_steps, completed=start, info="",
+                            visible=show_progress and world.is_main)
         while step < t.max_steps:
             g = torch.Generator().manual_seed(mix_seed(t.seed, step, 1))
-            torch.manual_seed(mix_seed(t.seed, step, 4))  # network dropout
-            x0, y = batches.get(step)
+            # network dropout: the only randomness that is per rank (it cannot be sliced from a global draw)
+            torch.manual_seed(mix_seed(t.seed, step, 4) if not world.distributed
+                              else mix_seed(t.seed, step, 4, world.rank))
+            x0, y = batches.get(step)  # this rank's slice of the global batch
+            B = t.batch_size
             if recipe.data.hflip:
-                flip = torch.rand(x0.shape[0], generator=g).to(dev) < 0.5
+                flip = (torch.rand(B, generator=g) < 0.5)[lo:hi].to(dev)
                 x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
             if y is not None and t.p_uncond > 0:
-                drop = torch.rand(y.shape[0], generator=g).to(dev) < t.p_uncond
+                drop = (torch.rand(B, generator=g) < t.p_uncond)[lo:hi].to(dev)
                 y = torch.where(drop, torch.full_like(y, num_classes), y)
+            sigma = denoiser.process.sample_sigma(B, g, method=denoiser.sigma_sampling, p_mean=denoiser.p_mean,
+                                                  p_std=denoiser.p_std)[lo:hi]
+            noise = torch.randn((B, *x0.shape[1:]), generator=g)[lo:hi].to(dev)
             lr = lr_at(recipe, step)
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
-                loss = denoiser.loss(x0, y, generator=g).mean()
+                loss = denoiser.loss(x0, y, sigma=sigma, noise=noise, net=train_net).mean()
             if nan_at_step is not None and step == nan_at_step:
                 loss = loss * float("nan")  # test hook: inject a divergence
-            loss_v = float(loss.detach())
+            # One small all-reduce a step: the global mean loss (each rank holds a slice's mean, weighted by
+            # its size), and the stop flags, so every rank takes the same decision at the same step.
+            budget_spent = t.max_minutes is not None and (time.perf_counter() - t0) > 60 * t.max_minutes
+            flags = torch.tensor([float(loss.detach()) * (hi - lo) / B, float(sigs.received or 0),
+                                  float(budget_spent)], dtype=torch.float64)
+            if world.distributed:
+                flags[1:] = dist.all_reduce(flags[1:].clone(), world, "max")
+                flags[0] = dist.all_reduce(flags[:1].clone(), world, "sum")[0]
+            loss_v = float(flags[0])
+            if sigs.received is None and flags[1] > 0:
+                sigs.received = int(flags[1])
+            budget_spent = bool(flags[2] > 0)
             if not math.isfinite(loss_v):
                 bad_steps += 1
                 if bad_steps > t.skip_nonfinite:
@@ -348,7 +433,9 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
                 step += 1
                 continue
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages gradients over ranks; weighting each rank's slice mean by its share of the global
+            # batch makes that average the global batch mean even when the slices differ in size.
+            (loss * (world.size * (hi - lo) / B) if world.distributed else loss).backward()
             if t.grad_clip is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
                 if not torch.isfinite(gnorm):
@@ -367,21 +454,21 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
                 b_ema.copy_(b)
             last_finite = last_loss = loss_v
             window.append(loss_v)
-            window_imgs += x0.shape[0]
+            window_imgs += B
             step += 1
             bar.update(task, completed=step, info=f"loss {loss_v:.4f}")
-            budget_spent = t.max_minutes is not None and (time.perf_counter() - t0) > 60 * t.max_minutes
             # Rows are also cut at every checkpoint, so a resumed run logs the very same windows.
-            if (step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.max_steps or budget_spent
-                    or sigs.received):
+            if world.is_main and (step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.max_steps
+                                  or budget_spent or sigs.received):
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_t, 1e-9)
                 mean_loss = f"{sum(window) / len(window):.8g}" if window else "nan"
                 metrics.write([step, mean_loss, f"{lr:.6g}", f"{ips:.1f}", f"{now - t0:.2f}"])
                 window, window_imgs, window_t = [], 0, now
-            if step % t.checkpoint_every == 0 or step == t.max_steps or budget_spent or sigs.received:
+            if world.is_main and (step % t.checkpoint_every == 0 or step == t.max_steps or budget_spent
+                                  or sigs.received):
                 last_ck = checkpoint(step)
-            if step % t.sample_every == 0 or step == t.max_steps or budget_spent:
+            if world.is_main and (step % t.sample_every == 0 or step == t.max_steps or budget_spent):
                 sample_grid(step)
             if sigs.received:
                 code = 128 + sigs.received
@@ -390,9 +477,11 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
             if budget_spent:
                 stopped_by = "max_minutes"
                 break
-    if last_ck is None:  # e.g. resumed a run that had already reached max_steps
+    if last_ck is None and world.is_main:  # e.g. resumed a run that had already reached max_steps
         last_ck = checkpoint(step)
+    dist.barrier(world)  # no rank leaves before rank 0 has written the final checkpoint
     seconds = time.perf_counter() - t0
+    dist.finish()
     return TrainResult(out, step, last_loss, ips, seconds, last_ck, stopped_by, n_params)
 
 
@@ -412,8 +501,11 @@ class _MetricsWriter:
                 csv.writer(f).writerow(METRICS_HEADER)
 
     def write(self, row: list) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow(row)
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow(row)
+        except OSError as e:  # e.g. out of disk: a clean runtime failure, not a traceback
+            raise RunFailure(f"cannot write {self.path}: {e.strerror or e}; the last checkpoint is intact") from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
