@@ -310,6 +310,9 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     if recipe.task != "denoiser":
         raise UserError(f"task = {recipe.task!r}: diffcli train supports task = 'denoiser' in this version")
     dev = resolve_device(device or recipe.train.device)
+    # The dataset before the run folder: a missing or broken dataset must fail before the folder is created,
+    # resumed or (with --force) emptied. A resumed run's recipe equals this one but for the step budget.
+    data = load_dataset(recipe.data)
     world, dev = dist.init(dev)
     if world.is_main:
         recipe = prepare_run_folder(out, recipe, resume=resume, force=force)
@@ -319,7 +322,6 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     t = recipe.train
     if t.batch_size < world.size:
         raise UserError(f"train.batch_size = {t.batch_size} is smaller than the {world.size} processes")
-    data = load_dataset(recipe.data)
     if data.skipped:
         log(f"skipped {data.skipped} unreadable image(s)")
     if len(data) == 0:
