@@ -14,7 +14,7 @@ from torch import Tensor
 from . import __version__
 from .checkpoint import LoadedCheckpoint, atomic_write_text, file_hash
 from .errors import UserError
-from .guidance import ClassifierGuided, Conditioned
+from .guidance import ClassifierGuided, Conditioned, GuidanceInput
 from .images import png_bytes, save_grid, to_uint8
 from .runtime import progress, sample_generator
 from .samplers import SAMPLER_INFO, SCHEDULES, NFECounter, get_sigmas
@@ -111,8 +111,22 @@ def sigma_grid(ck_denoiser, s: SampleSettings) -> Tensor:
         return torch.tensor(s.sigmas, dtype=torch.float64)
     lo = s.sigma_min if s.sigma_min is not None else ck_denoiser.sigma_min
     hi = s.sigma_max if s.sigma_max is not None else ck_denoiser.sigma_max
+    if s.sampler == "consistency" and s.schedule in (None, "karras"):
+        from .samplers import consistency_sigmas
+        return consistency_sigmas(s.steps, lo, hi, s.rho)
     return get_sigmas(s.schedule or default_schedule(s.sampler, ck_denoiser.process), s.steps, lo, hi, rho=s.rho,
                       process=ck_denoiser.process)
+
+
+def student_sigmas(ck: LoadedCheckpoint) -> list[float]:
+    """The σ grid a distilled student was trained for (metadata `student_sigmas`, diffcli.distill)."""
+    try:
+        sig = [float(v) for v in json.loads(ck.meta["student_sigmas"])]
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"{ck.path}: metadata student_sigmas is not a list of numbers") from None
+    if len(sig) < 2 or sig[-1] != 0 or any(a <= b for a, b in zip(sig, sig[1:])):
+        raise UserError(f"{ck.path}: metadata student_sigmas {sig[:4]}… is not a decreasing grid ending with 0")
+    return sig
 
 
 def resolve_tuned_schedule(ck: LoadedCheckpoint, s: SampleSettings, device: torch.device, *, tune: bool = False,
@@ -179,7 +193,10 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
             x = torch.stack([torch.randn(channels, resolution, resolution, generator=g) for g in gens])
             x = x.to(device=device, dtype=torch.float64) * sigmas[0]
             cond = labels[batch].to(device) if labels is not None else None
-            guided = Conditioned(denoiser, cond if denoiser.num_classes else None, s.cfg, s.cfg_interval)
+            if getattr(denoiser, "guidance_input", False):  # guidance-distilled student: w is an input
+                guided = GuidanceInput(denoiser, cond, s.cfg)
+            else:
+                guided = Conditioned(denoiser, cond if denoiser.num_classes else None, s.cfg, s.cfg_interval)
             if classifier is not None and s.classifier_scale > 0:
                 guided = ClassifierGuided(guided, classifier, cond, s.classifier_scale)
             counter = NFECounter(guided)
@@ -197,6 +214,28 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
         "labels": labels[idx].tolist() if labels is not None else None,
     }
     return torch.cat(out) if out else torch.empty(0, channels, resolution, resolution), record
+
+
+def generate_sharded(denoiser, channels: int, resolution: int, s: SampleSettings, *, device: torch.device,
+                     world=None, classifier=None) -> tuple[Tensor, dict] | None:
+    """`generate` with the image indices split over the torchrun ranks of `world` (contiguous blocks).
+
+    Per-sample seeding makes every image identical to a one-process run. Rank 0 returns all images in index
+    order with the merged record (the slowest rank's seconds); the other ranks return None."""
+    from . import distributed as dist
+
+    world = world or dist.World()
+    lo, hi = world.shard(s.n)
+    images, record = generate(denoiser, channels, resolution, s, device=device, indices=range(lo, hi),
+                              show_progress=world.is_main, classifier=classifier)
+    parts = dist.gather_to_main((images, record), world)
+    if not world.is_main:
+        return None
+    images = torch.cat([p[0] for p in parts])
+    record = dict(parts[0][1], seconds=max(p[1]["seconds"] for p in parts), processes=world.size)
+    if record.get("labels") is not None:
+        record["labels"] = [lab for p in parts for lab in p[1]["labels"]]
+    return images, record
 
 
 def write_sample_folder(out: Path, images: Tensor, record: dict, s: SampleSettings, ck: LoadedCheckpoint,
