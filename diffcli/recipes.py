@@ -186,7 +186,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """One line naming every bad field and its value: `recipe.toml: train.lr = -1: must be > 0`."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = ".".join(str(p) if str(p).isprintable() else repr(p) for p in e["loc"])  # one line, always
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key {loc!s} = {e['input']!r}")
@@ -214,7 +214,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {text!r}: empty key")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw.strip()
     return path, value
 
@@ -253,6 +253,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"recipe {str(p)!r} is not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses once per nesting level
+        raise UserError(f"recipe {str(p)!r} is not valid TOML: nested too deeply") from None
     data = apply_overrides(data, overrides or [])
     return recipe_from_dict(data, str(p))
 
