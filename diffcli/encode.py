@@ -385,7 +385,7 @@ def reconstruction_errors(x: Tensor, y: Tensor) -> dict:
 class EncodeSettings:
     """Everything `diffcli encode` was asked to do (recorded in encode.json and the latents' metadata)."""
 
-    solver: str | None = None  # None: heun (encode) or the latents file's solver (decode)
+    solver: str | None = None  # None: unipc (encode) or the latents file's solver (decode)
     nfe: int | None = None  # decoding budget per image; encoding costs about the same
     rtol: float | None = None  # adaptive solvers only
     schedule: str | None = None
@@ -401,7 +401,7 @@ class EncodeSettings:
     batch_size: int = 64
 
 
-DEFAULT_SOLVER = "heun"
+DEFAULT_SOLVER = "unipc"  # best round trip per NFE on the mixture oracle and on digits (docs/BENCHMARKS.md)
 DEFAULT_NFE = 100
 
 
