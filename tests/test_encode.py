@@ -285,3 +285,23 @@ def test_cli_bad_options_exit_2_in_process(tiny_ckpt, digit_pngs, tmp_path, caps
         assert rc == 2, (args, err)
         assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], (args, err)
     assert not out.exists()
+
+
+def test_inputs_of_another_size_are_resized_with_a_note(tmp_path):
+    from diffcli.encode import collect_inputs, load_images
+    from diffcli.images import save_png
+
+    save_png(tmp_path / "big.png", torch.linspace(-1, 1, 256).reshape(1, 16, 16))
+    save_png(tmp_path / "sub" / "small.png", torch.zeros(1, 8, 8))
+    notes = []
+    x = load_images(collect_inputs([tmp_path]), 1, 8, log=notes.append)
+    assert x.shape == (2, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert len(notes) == 1 and "big.png (16×16)" in notes[0] and "8×8" in notes[0]
+
+
+def test_diffcli_never_imports_diffusers():
+    import subprocess
+    import sys
+
+    code = "import sys, diffcli.cli, diffcli.encode; sys.exit('diffusers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
