@@ -22,9 +22,12 @@ d/dσ log p_σ(x(σ)) = -∇·f, and ∇·f = tr(I - ∂D/∂x)/σ. So, on the s
     log p_σmin(x(σ_min)) = log N(x(σ_max); 0, σ_max² I) + ∫_{σmin}^{σmax} tr(I - ∂D/∂x)/σ dσ,
     log p_0(x0)           = log p_σmin(x(σ_min)) - log |det ∂D/∂x (x(σ_min), σ_min)|      (x0 = D(x(σ_min))).
 
-The integral is carried by the sampler itself: the state is augmented with K accumulators ℓ_k and the field
-handed to the sampler returns D_ℓk = ℓ_k - v_kᵀ(I - ∂D/∂x)v_k, so that the sampler's own slope (ℓ - D_ℓ)/σ
-is the divergence and the integral gets the solver's order. The trace is exact (all D unit vectors,
+The integral is carried by the sampler itself, so it gets the solver's order and step control: the state is
+augmented with K accumulators y_k = exp(ℓ_k / D), ℓ_k the running integral, and the field handed to the
+sampler returns D_yk = y_k·(1 - q_k/D), q_k = v_kᵀ(I - ∂D/∂x)v_k, so that the sampler's own slope
+(y - D_y)/σ = y·q/(D σ) is exactly dy/dσ. The exponential form matters: at large σ, q → D and y ∝ σ, which
+every sampler integrates exactly (a plain accumulator dℓ/dσ = q/σ ∝ 1/σ had 3-4× the log-density error with
+heun at 10-40 levels on the mixture oracle). The trace is exact (all D unit vectors,
 `exact=True`) or Hutchinson's estimate with K Rademacher probes v_k held fixed along each path (Hutchinson
 1989; Grathwohl et al. 2018), whose spread gives the standard error. The last-step log-determinant is the
 exact slogdet with `exact=True`, and its first-order trace tr(∂D/∂x - I) with probes.
@@ -238,11 +241,11 @@ def jacobian_quadratic(denoiser, x: Tensor, sigma: Tensor, cond: Tensor | None, 
 
 
 class AugmentedField:
-    """The field a sampler integrates for the likelihood: state y = [x (D) | ℓ (K)] shaped (B, 1, 1, D+K).
+    """The field a sampler integrates for the likelihood: state [x (D) | y (K)] shaped (B, 1, 1, D+K), with
+    y_k = exp(ℓ_k / D) the exponentiated running divergence integral per dimension (module docstring).
 
-    Returns [D(x, σ) | ℓ_k - v_kᵀ(I - ∂D/∂x)v_k / D], so the sampler's slope (y - D_y)/σ carries the divergence
-    (per dimension, which keeps the accumulators O(1) in float32). With `exact` the probes are the D unit
-    vectors and one accumulator holds the full trace."""
+    Returns [D(x, σ) | y_k·(1 - v_kᵀ(I - ∂D/∂x)v_k / D)], so the sampler's slope (y - D_y)/σ is dy/dσ. With
+    `exact` (probes None) the probes are the D unit vectors and one accumulator holds the full trace."""
 
     def __init__(self, denoiser, cond: Tensor | None, shape: Sequence[int], probes: Tensor | None) -> None:
         self.denoiser, self.cond, self.shape = denoiser, cond, tuple(shape)
@@ -332,6 +335,11 @@ def log_likelihood(denoiser, x0: Tensor, spec: ODESpec, *, cond: Tensor | None =
     counter = NFECounter(field_fn)
     up = spec.inversion_grid(_process_of(denoiser)).to(x0.device)
     yT = SAMPLERS[spec.solver](counter, y, up, **spec.options).to(torch.float64).reshape(b, -1)
+    if not bool((yT[:, d:] > 0).all() and torch.isfinite(yT).all()):
+        from .errors import RunFailure
+
+        raise RunFailure(f"the likelihood integration with {spec.solver} on {spec.steps} noise levels diverged; "
+                         f"raise --nfe (or use --rtol with rk45)")
     z = yT[:, :d].reshape(b, *shape)
     integral = yT[:, d:].log() * d  # (B, K) ∫ ∇·f dσ
     lp_min = gaussian_log_prob(z, spec.sigma_max)[:, None] + integral
