@@ -197,6 +197,7 @@ def sample(
         if steps < 1:
             raise UserError(f"--nfe {nfe}: too small for {name} (one step costs "
                             f"{SAMPLER_INFO[name].nfe(1, **options)} denoiser calls)")
+    steps_given = steps
     steps = steps if steps is not None else rs.steps
     if steps < 1:
         raise UserError(f"--steps {steps}: must be ≥ 1")
@@ -213,6 +214,9 @@ def sample(
                        class_id=class_id, n=n, batch_size=batch_size, seed=seed, options=options,
                        cfg_interval=interval, classifier=str(classifier) if classifier else None,
                        classifier_scale=classifier_scale)
+    if ck.meta.get("student_sigmas") and sampler is None and steps_given is None and schedule is None:
+        from .generate import student_sigmas  # a distilled student samples on the σ grid it was distilled for
+        s.sigmas = student_sigmas(ck)
     validate_settings(s, ck.denoiser.num_classes)
     clf = None
     if classifier is not None:
@@ -246,6 +250,54 @@ def sample(
         ("NFE", f"{record['nfe']} (network evaluations {record['network_evaluations']})"),
         ("seconds", f"{record['seconds']:.2f}"),
     ]))
+
+
+@app.command()
+def distill(
+    recipe: Optional[Path] = typer.Argument(None, help="Distillation recipe (TOML with method = …; optional with "
+                                            "--resume: the run's own)."),
+    teacher: Path = typer.Option(..., "--teacher", help="The teacher: a diffcli denoiser checkpoint."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/RECIPE_NAME]."),
+    set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set train.max_steps=200."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over in an --out that already holds a run."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N [default: recipe]."),
+) -> None:
+    """Distill a teacher into few-step students: progressive, consistency, guidance or reflow.
+
+    Students are written to OUT/students/steps_NNN.safetensors and OUT/last.safetensors; each records how it
+    samples, so `diffcli sample STUDENT` needs no options.
+
+    Examples:
+
+      diffcli distill recipes/digits-progressive.toml --teacher runs/digits/last.safetensors --out runs/pd
+
+      diffcli sample runs/pd/students/steps_004.safetensors --out samples/pd4
+    """
+    from .recipes import load_distill_recipe
+
+    if recipe is None:
+        if not (resume and out is not None):
+            raise UserError("distill needs a RECIPE (or --out RUN --resume to continue a run with its own recipe)")
+        recipe = out / "recipe.toml"
+    rec = load_distill_recipe(recipe, list(set_))
+    if out is None:
+        name = rec.name or recipe.stem
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise UserError(f"{recipe}: name = {name!r} is not a plain folder name; give --out")
+        out = Path("runs") / name
+    from .distill.common import distill as run_distill
+
+    con = _console()
+    res = run_distill(rec, teacher, out, resume=resume, force=force, device=device, log=con.print)
+    rows = [("run folder", str(out)), ("method", res["method"]), ("steps", f"{res['steps']} / {res['total_steps']}"),
+            ("last loss", f"{res['last_loss']:.5f}"), ("wall-clock", f"{res['seconds']:.1f} s")]
+    rows += [("student", str(out / p)) for p in res["students"]]
+    if "straightness_teacher" in res:
+        rows.append(("straightness", f"teacher {res['straightness_teacher']:.5f} → student "
+                                     f"{res['straightness_student']:.5f}"))
+    rows.append(("checkpoint", str(out / "last.safetensors")))
+    con.print(_table("diffcli distill", rows))
 
 
 @app.command()

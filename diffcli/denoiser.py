@@ -8,6 +8,8 @@ Each parameterization is a choice of (c_skip, c_out) — the network target F is
     v     c_skip = 1/(1+σ²)       c_out = -σ/sqrt(1+σ²)           F ≈ α·ε - σ_vp·x0    (Salimans & Ho 2022)
     flow  c_skip = 1/(1+σ)        c_out = -σ/(1+σ)                F ≈ ε - x0           (Liu et al. 2023)
     edm   c_skip = σd²/(σ²+σd²)   c_out = σ·σd/sqrt(σ²+σd²)        (Karras et al. 2022)
+    consistency  c_skip = σd²/((σ-σmin)²+σd²)   c_out = σd·(σ-σmin)/sqrt(σ²+σd²)
+          (Song et al. 2023, App. C): D(x, σmin) = x exactly — the consistency model's boundary condition
 
 c_in and c_noise come from the noise process (diffcli.processes), except `edm`, which also fixes
 c_in = 1/sqrt(σ²+σd²) so that the network input has unit variance whatever the process.
@@ -27,13 +29,16 @@ from torch import Tensor, nn
 
 from .processes import Process
 
-PARAMETERIZATIONS = ("eps", "x0", "v", "flow", "edm")
+PARAMETERIZATIONS = ("eps", "x0", "v", "flow", "edm", "consistency")
 WEIGHTINGS = ("natural", "min_snr", "edm")
 
 
-def skip_out(param: str, sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor]:
-    """(c_skip, c_out) of a parameterization at σ; same shape and dtype as `sigma`."""
+def skip_out(param: str, sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) of a parameterization at σ; same shape and dtype as `sigma` (σmin: `consistency` only)."""
     one = torch.ones_like(sigma)
+    if param == "consistency":
+        sd2, s = sigma_data**2, sigma - sigma_min  # exactly 0 at σ = σmin, so c_skip = 1 and c_out = 0 there
+        return sd2 / (s**2 + sd2), sigma_data * s / (sigma**2 + sd2).sqrt()
     if param == "eps":
         return one, -sigma
     if param == "x0":
@@ -72,6 +77,8 @@ def x0_from_score(score: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
 def loss_weight(weighting: str, param: str, sigma: Tensor, sigma_data: float = 0.5,
                 min_snr_gamma: float = 5.0) -> Tensor:
     """The F-space weight λ(σ)·c_out(σ)² of a weighting (see module docstring)."""
+    if param == "consistency":
+        raise ValueError("consistency students are trained by diffcli distill, not with a denoising weighting")
     _, c_out = skip_out(param, sigma, sigma_data)
     if weighting == "natural":
         return torch.ones_like(sigma)
@@ -120,7 +127,7 @@ class Denoiser(nn.Module):
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c_in, c_skip, c_out, c_noise) at σ (B,); the first three shaped (B, 1, 1, 1) for broadcasting."""
         s = sigma.reshape(-1, 1, 1, 1)
-        c_skip, c_out = skip_out(self.parameterization, s, self.sigma_data)
+        c_skip, c_out = skip_out(self.parameterization, s, self.sigma_data, self.sigma_min)
         if self.parameterization == "edm":
             c_in = 1 / (s**2 + self.sigma_data**2).sqrt()
         else:
@@ -134,17 +141,26 @@ class Denoiser(nn.Module):
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         return cond.to(device=device, dtype=torch.long)
 
+    @property
+    def guidance_input(self) -> bool:
+        """True for a guidance-distilled student: the network takes the CFG scale w (Meng et al. 2023)."""
+        return getattr(self.net, "map_guidance", None) is not None
+
     def raw(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, *,
-            net: nn.Module | None = None) -> tuple[Tensor, Tensor, Tensor]:
+            net: nn.Module | None = None, guidance: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(F, c_skip, c_out): the network's own output and the scalings, for losses in F space.
         `net` runs instead of `self.net` — e.g. its DistributedDataParallel wrapper during training."""
         c_in, c_skip, c_out, c_noise = self.scalings(sigma)
-        pred = (net or self.net)(c_in * x, c_noise, self._labels(cond, x.shape[0], x.device))
+        labels = self._labels(cond, x.shape[0], x.device)
+        if guidance is None:
+            pred = (net or self.net)(c_in * x, c_noise, labels)
+        else:  # the CFG scale w of a guidance-distilled student
+            pred = (net or self.net)(c_in * x, c_noise, labels, guidance=guidance)
         return pred.float(), c_skip, c_out
 
-    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         sigma = sigma.to(device=x.device, dtype=torch.float32).expand(x.shape[0])
-        pred, c_skip, c_out = self.raw(x.float(), sigma, cond)
+        pred, c_skip, c_out = self.raw(x.float(), sigma, cond, guidance=guidance)
         return c_skip * x.float() + c_out * pred
 
     def loss(self, x0: Tensor, cond: Tensor | None = None, *, generator: torch.Generator | None = None,

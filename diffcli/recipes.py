@@ -51,6 +51,7 @@ class ModelConfig(_Strict):
     head_channels: int = Field(32, ge=4)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     noise_embedding: Literal["positional", "fourier"] = "positional"
+    guidance_embedding: bool = Field(False, description="a guidance-scale input w (guidance-distilled students)")
 
     @model_validator(mode="after")
     def _mults_positive(self) -> "ModelConfig":
@@ -62,7 +63,7 @@ class ModelConfig(_Strict):
 
 class DiffusionConfig(_Strict):
     process: Literal["vp_linear", "vp_cosine", "ve", "edm", "flow"] = "edm"
-    parameterization: Literal["eps", "x0", "v", "flow", "edm"] = "edm"
+    parameterization: Literal["eps", "x0", "v", "flow", "edm", "consistency"] = "edm"
     sigma_min: Optional[float] = Field(None, gt=0)
     sigma_max: Optional[float] = Field(None, gt=0)
     sigma_data: float = Field(0.5, gt=0)
@@ -231,14 +232,115 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def recipe_from_dict(data: dict, source: str) -> Recipe:
+# --- distillation recipes (diffcli distill; diffcli.distill) -------------------------------------------------
+DISTILL_METHODS = ("progressive", "consistency", "guidance", "reflow")
+
+
+class ProgressiveConfig(_Strict):
+    """Salimans & Ho 2022: halving rounds from teacher_steps down to target_steps (train.max_steps in total)."""
+    teacher_steps: int = Field(64, ge=2, le=4096, description="DDIM steps of the first teacher")
+    target_steps: int = Field(1, ge=1, description="steps of the last student; teacher_steps / 2^k")
+    schedule: Literal["karras", "logsnr", "uniform", "linear"] = "karras"
+    parameterization: Literal["teacher", "x0", "v"] = "teacher"
+
+    @model_validator(mode="after")
+    def _halving(self) -> "ProgressiveConfig":
+        n, k = self.teacher_steps, self.target_steps
+        ratio = n // k if k and n % k == 0 else 0
+        if k >= n or ratio < 2 or ratio & (ratio - 1):
+            raise ValueError(f"target_steps = {k} is not reachable from teacher_steps = {n} by halving "
+                             f"(need teacher_steps = target_steps · 2^k, k ≥ 1)")
+        return self
+
+
+class ConsistencyConfig(_Strict):
+    """Song et al. 2023 (CD/CT) with Song & Dhariwal 2024's pseudo-Huber loss and CT curriculum."""
+    mode: Literal["cd", "ct"] = "cd"
+    num_scales: int = Field(18, ge=2, le=10000, description="N of the Karras grid (CT: the final N)")
+    ct_initial_scales: int = Field(10, ge=2, description="CT: N at step 0, doubled along training")
+    sigma_min: float = Field(0.002, gt=0)
+    rho: float = Field(7.0, gt=0)
+    loss: Literal["pseudo_huber", "l2", "lpips"] = "pseudo_huber"
+    huber_c: Optional[float] = Field(None, gt=0, description="default 0.00054·sqrt(dim) (Song & Dhariwal 2024)")
+    target_ema: Optional[float] = Field(None, ge=0, lt=1, description="μ of the target network; default CD 0.95, "
+                                        "CT 0 (stop-gradient, Song & Dhariwal 2024)")
+    sample_steps: int = Field(1, ge=1, le=64, description="steps the student samples with by default")
+
+
+class GuidanceDistillConfig(_Strict):
+    """Meng et al. 2023, stage one: a student that takes the guidance scale w as input."""
+    w_min: float = Field(1.0, ge=0)
+    w_max: float = Field(4.0, ge=0)
+    sampler: str = "heun"
+    steps: int = Field(18, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> "GuidanceDistillConfig":
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min = {self.w_min} must not exceed w_max = {self.w_max}")
+        return self
+
+
+class ReflowConfig(_Strict):
+    """Liu et al. 2023: (noise, sample) pairs from the teacher's ODE sampler, then a rectified flow on them."""
+    num_pairs: int = Field(2048, ge=2)
+    pair_sampler: Literal["heun", "euler", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"] = "heun"
+    pair_steps: int = Field(18, ge=1)
+    cfg: float = Field(1.0, ge=0, description="CFG scale of the pair-generating teacher (class-conditional)")
+    chunk_size: int = Field(256, ge=1, description="pairs per stored chunk (resume granularity)")
+    student_steps: int = Field(1, ge=1, description="Euler steps the reflowed student samples with")
+    straightness_samples: int = Field(256, ge=2)
+
+
+class DistillRecipe(_Strict):
+    """`diffcli distill RECIPE --teacher CKPT`: the teacher brings data, network and process; the recipe says
+    how to distill. Only the chosen method's section may appear."""
+    task: Literal["distill"] = "distill"
+    name: Optional[str] = None
+    method: Literal["progressive", "consistency", "guidance", "reflow"]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    progressive: Optional[ProgressiveConfig] = None
+    consistency: Optional[ConsistencyConfig] = None
+    guidance: Optional[GuidanceDistillConfig] = None
+    reflow: Optional[ReflowConfig] = None
+
+    @model_validator(mode="after")
+    def _one_method(self) -> "DistillRecipe":
+        for m in DISTILL_METHODS:
+            if m != self.method and getattr(self, m) is not None:
+                raise ValueError(f"[{m}] holds keys of method {m!r}, but method = {self.method!r}")
+        if getattr(self, self.method) is None:
+            default = {"progressive": ProgressiveConfig, "consistency": ConsistencyConfig,
+                       "guidance": GuidanceDistillConfig, "reflow": ReflowConfig}[self.method]()
+            object.__setattr__(self, self.method, default)
+        return self
+
+    @property
+    def config(self):
+        return getattr(self, self.method)
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))
+
+
+def load_distill_recipe(path: str | Path, overrides: list[str] | None = None) -> DistillRecipe:
+    """Read, override and validate a distillation recipe (TOML) — the same one-line errors as load_recipe."""
+    return load_recipe(path, overrides, schema=DistillRecipe)
+
+
+def recipe_from_dict(data: dict, source: str, schema: type[BaseModel] | None = None) -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        return (schema or Recipe).model_validate(data)
     except ValidationError as e:
         raise UserError(format_validation_error(e, source)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, schema: type[BaseModel] | None = None) -> Recipe:
     """Read, override and validate a TOML recipe; every failure is a one-line UserError naming the file."""
     p = Path(path)
     if not p.exists():
@@ -256,7 +358,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except RecursionError:  # tomllib recurses once per nesting level
         raise UserError(f"recipe {str(p)!r} is not valid TOML: nested too deeply") from None
     data = apply_overrides(data, overrides or [])
-    return recipe_from_dict(data, str(p))
+    if schema is None and (data.get("task") == "distill" or "method" in data):
+        raise UserError(f"recipe {str(p)!r} is a distillation recipe (task = 'distill'); run it with diffcli distill")
+    return recipe_from_dict(data, str(p), schema)
 
 
 def recipe_from_json(text: str, source: str) -> Recipe:

@@ -522,6 +522,30 @@ def sample_rk45(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback
     return x
 
 
+@torch.no_grad()
+def sample_consistency(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) for a consistency model f = D: jump to
+    x0 = f(x, σ_0), then for each later level τ of the grid re-noise x = x0 + τ·z and jump again. One denoiser
+    call per step; one step is the single-jump sampler. Only for consistency models (other denoisers return
+    E[x0|x], which this sampler would treat as a sample)."""
+    sigmas = _decreasing(sigmas.to(x.device), "consistency")
+    x = x.to(torch.float64)
+    d = x
+    for i in range(len(sigmas) - 1):
+        if i > 0:
+            x = d + sigmas[i] * randn_like(x, generator)
+        d = _denoise(denoiser, x, sigmas[i])
+        _callback(callback, i, sigmas, x, d, i + 1)
+    return d
+
+
+def consistency_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """The n jump levels of a multistep consistency sampler, then 0: the Karras grid of n + 1 levels without its
+    last (σmin, where a jump changes nothing); n = 1 is [σmax, 0]."""
+    g = get_sigmas("karras", n + 1, sigma_min, sigma_max, rho=rho)
+    return torch.cat([g[:-2], g[-1:]])
+
+
 # --- registry -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplerInfo:
@@ -600,6 +624,8 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         SamplerInfo("ald", sample_ald, 1, True, "logsnr", "annealed Langevin dynamics (Song & Ermon 2019)",
                     lambda n, o: n * o.get("n_steps_each", 5) + 1, "N·T+1",
                     options={"step_size": (1e-8, 1.0), "n_steps_each": (1, 1000)}),
+        SamplerInfo("consistency", sample_consistency, 1, True, "karras", "multistep consistency sampling for "
+                    "consistency-distilled students (Song et al. 2023, Alg. 1)", _per_step),
         SamplerInfo("rk45", sample_rk45, 5, False, "karras", "adaptive Dormand-Prince RK45 to a tolerance "
                     "(scipy); reference solver", None, "adaptive",
                     options={"rtol": (1e-12, 1.0), "atol": (1e-12, 1.0)}, invertible=True),

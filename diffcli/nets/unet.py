@@ -119,7 +119,8 @@ class UNet(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int, resolution: int, channels: int = 64,
                  channel_mult: Sequence[int] = (1, 2), num_res_blocks: int = 2,
                  attention_resolutions: Sequence[int] = (), head_channels: int = 32, dropout: float = 0.0,
-                 num_classes: int = 0, noise_embedding: str = "positional", fourier_scale: float = 16.0) -> None:
+                 num_classes: int = 0, noise_embedding: str = "positional", fourier_scale: float = 16.0,
+                 guidance_embedding: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         emb_dim = 4 * channels
@@ -129,6 +130,10 @@ class UNet(nn.Module):
         self.map_layer1 = nn.Linear(emb_dim, emb_dim)
         # One extra row: id `num_classes` is the null (unconditional) class for classifier-free guidance.
         self.map_label = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        # Optional second scalar condition (a guidance scale w, Meng et al. 2023): zero-initialised, so a network
+        # initialised from one without it computes the same function until trained.
+        self.map_guidance = (nn.Sequential(PositionalEmbedding(channels), _zero(nn.Linear(channels, emb_dim)))
+                             if guidance_embedding else None)
 
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.enc = nn.ModuleList()
@@ -162,8 +167,12 @@ class UNet(nn.Module):
         self.conv_out = _zero(nn.Conv2d(cur, out_channels, 3, padding=1))
         self._n_up = len(channel_mult) - 1
 
-    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None,
+                guidance: Tensor | None = None) -> Tensor:
         emb = self.map_layer0(self.map_noise(c_noise))
+        if self.map_guidance is not None:  # w = 1 (the conditional model) when not given
+            w = guidance if guidance is not None else torch.ones(x.shape[0], device=x.device)
+            emb = emb + self.map_guidance(100 * w.to(x.device, torch.float32).reshape(-1).expand(x.shape[0]))
         if self.map_label is not None:
             if class_labels is None:
                 class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)

@@ -1,0 +1,1 @@
+"""Distillation: progressive, consistency, guidance and reflow, on one teacher format (diffcli.distill.common)."""

@@ -1,0 +1,304 @@
+"""The engine behind `diffcli distill`: one loop for every method, built from the training engine's parts.
+
+A method (diffcli.distill.<method>) says what the student is (its recipe: network, parameterization, how it
+samples), what one step's loss is, and when a student is finished. Everything else is `diffcli train`'s: the
+run-folder policy (`prepare_run_folder`), seeded data order (`Batches`), EMA (`ema_beta`), learning rate
+(`lr_at`), pickle-free training state and bit-exact resume (`save_state`/`load_state`/`latest_state`),
+signals, metrics.csv, checkpoint retention and per-step seeding (`mix_seed`).
+
+Run folder: recipe.toml (the distillation recipe), checkpoints/, samples/, metrics.csv, students/steps_NNN.safetensors
+(every student produced), last.safetensors (the newest student), distill.json (summary), and pairs/ for reflow.
+
+A student is an ordinary model checkpoint (`kind = "student"`): its embedded recipe is the teacher's with the
+student's parameterization and sampling section, and its metadata carries `student_sampler`, `student_steps`
+and the exact σ grid `student_sigmas` it was distilled for, so `diffcli sample STUDENT` needs no options.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import (LoadedCheckpoint, atomic_write_text, build_denoiser, file_hash, load_checkpoint,
+                          save_denoiser)
+from ..data import load_dataset
+from ..denoiser import Denoiser
+from ..errors import Interrupted, RunFailure, UserError
+from ..generate import SampleSettings, generate
+from ..images import save_grid
+from ..recipes import DistillRecipe, Recipe, load_distill_recipe
+from ..runtime import mix_seed, progress, resolve_device
+from ..train import (Batches, _MetricsWriter, _retain, _Signals, _truncate_metrics, ema_beta, latest_state,
+                     load_state, lr_at, prepare_run_folder, save_state)
+
+EXTRA_RUN_FILES = ("students", "pairs", "distill.json")
+
+
+# --- students -----------------------------------------------------------------------------------------------
+def student_recipe(teacher: Recipe, *, sampler: str, steps: int, schedule: str | None = None,
+                   parameterization: str | None = None, sigma_min: float | None = None,
+                   guidance_embedding: bool = False, cfg: float | None = None) -> Recipe:
+    """The teacher's recipe with the student's network input, parameterization and sampling section."""
+    d = teacher.model_dump(mode="json")
+    d["task"] = "denoiser"
+    d["sample"].update(sampler=sampler, steps=steps, schedule=schedule)
+    if cfg is not None:
+        d["sample"]["cfg"] = cfg
+    if parameterization is not None:
+        d["diffusion"]["parameterization"] = parameterization
+    if sigma_min is not None:
+        d["diffusion"]["sigma_min"] = sigma_min
+    d["model"]["guidance_embedding"] = guidance_embedding
+    return Recipe.model_validate(d)
+
+
+def init_student(recipe: Recipe, teacher: LoadedCheckpoint, device: torch.device) -> Denoiser:
+    """The student network initialised from the teacher's weights (new inputs, e.g. w, start at zero)."""
+    student = build_denoiser(recipe, teacher.channels, teacher.resolution, teacher.denoiser.num_classes)
+    missing, unexpected = student.net.load_state_dict(teacher.denoiser.net.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("map_guidance.") for k in missing):
+        raise UserError(f"{teacher.path}: the teacher's weights do not fit the student network "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return student.to(device)
+
+
+def load_teacher(path: str | Path, device: torch.device) -> LoadedCheckpoint:
+    """A denoiser checkpoint (a classifier, train state or foreign file is bad input, exit 2)."""
+    ck = load_checkpoint(path, device, kinds=("denoiser",))
+    ck.denoiser.requires_grad_(False).eval()
+    return ck
+
+
+# --- the method interface -----------------------------------------------------------------------------------
+class Method:
+    """One distillation method. Subclasses set `name` and implement `loss`; the rest has sensible defaults."""
+
+    name = ""
+
+    def __init__(self, recipe: DistillRecipe, teacher: LoadedCheckpoint) -> None:
+        self.recipe, self.cfg, self.teacher = recipe, recipe.config, teacher
+
+    # what the student is
+    def student_recipe(self, steps: int | None = None) -> Recipe:
+        raise NotImplementedError
+
+    def student_sampling(self, steps: int | None = None) -> tuple[str, int, list[float]]:
+        """(sampler, steps, σ grid ending with 0) the student samples with."""
+        raise NotImplementedError
+
+    def total_steps(self) -> int:
+        return self.recipe.train.max_steps
+
+    def finished_students(self) -> dict[int, int]:
+        """{optimizer step: student steps} at which a finished student is written to students/."""
+        sampler, steps, _ = self.student_sampling()
+        return {self.total_steps(): steps}
+
+    # the loop's hooks
+    def prepare(self, eng: "Distiller") -> None:
+        pass
+
+    def begin_step(self, eng: "Distiller", step: int) -> None:
+        pass
+
+    def batch(self, eng: "Distiller", step: int) -> tuple[Tensor, Tensor | None]:
+        return eng.batches.get(step)
+
+    def loss(self, eng: "Distiller", step: int, x0: Tensor, y: Tensor | None, g: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def ema_decay(self, step: int) -> float:
+        return ema_beta(self.recipe, step)
+
+    def report(self, eng: "Distiller") -> dict:
+        return {}
+
+
+def get_method(recipe: DistillRecipe, teacher: LoadedCheckpoint) -> Method:
+    from . import consistency, guidance, progressive, reflow
+
+    cls = {"progressive": progressive.Progressive, "consistency": consistency.Consistency,
+           "guidance": guidance.GuidanceDistillation, "reflow": reflow.Reflow}[recipe.method]
+    return cls(recipe, teacher)
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+class Distiller:
+    """State of one distillation run (the loop in `distill` drives it)."""
+
+    def __init__(self, recipe: DistillRecipe, teacher: LoadedCheckpoint, method: Method, out: Path,
+                 device: torch.device, log) -> None:
+        self.recipe, self.teacher, self.method, self.out, self.dev, self.log = recipe, teacher, method, out, device, log
+        self.channels, self.resolution = teacher.channels, teacher.resolution
+        self.data = None
+        self.batches = None
+
+    def load_data(self) -> None:
+        data = load_dataset(self.teacher.recipe.data)
+        if len(data) == 0:
+            raise UserError(f"teacher's data.name = {self.teacher.recipe.data.name!r}: the dataset is empty")
+        self.data = data
+        self.batches = Batches(data, self.recipe.train.batch_size, self.recipe.train.seed, self.dev,
+                               self.teacher.recipe.data.num_workers)
+
+    def save_student(self, path: Path, step: int, steps: int | None = None) -> None:
+        sampler, n, sigmas = self.method.student_sampling(steps)
+        extra = {"distill_method": self.method.name, "student_sampler": sampler, "student_steps": str(n),
+                 "student_sigmas": json.dumps([float(s) for s in sigmas]), "teacher": str(self.teacher.path),
+                 "teacher_sha256": self.teacher_hash, "distill_recipe": self.recipe.to_json()}
+        save_denoiser(path, self.ema, self.method.student_recipe(steps), step=step, channels=self.channels,
+                      resolution=self.resolution, kind="student", extra=extra)
+
+    def sample_grid(self, path: Path, n: int) -> None:
+        sampler, steps, sigmas = self.method.student_sampling()
+        s = SampleSettings(sampler=sampler, steps=steps, sigmas=sigmas, n=n, seed=1234, batch_size=min(n, 256))
+        imgs, _ = generate(self.ema, self.channels, self.resolution, s, device=self.dev, show_progress=False)
+        save_grid(path, imgs)
+
+
+def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resume: bool = False,
+            force: bool = False, device: str | None = None, log=print, show_progress: bool = True) -> dict:
+    """Distill the teacher checkpoint into students in the run folder `out`; returns the distill.json summary."""
+    t = recipe.train
+    dev = resolve_device(device or t.device)
+    teacher = load_teacher(teacher_path, dev)
+    method = get_method(recipe, teacher)  # validates the method against the teacher before anything is written
+    if force and not resume:
+        for f in EXTRA_RUN_FILES:
+            p = out / f
+            if p.exists():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    recipe = prepare_run_folder(out, recipe, resume=resume, force=force, loader=load_distill_recipe)
+    method.recipe, t = recipe, recipe.train
+    from ..checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(out / "recipe.toml", recipe.to_toml().encode())
+    eng = Distiller(recipe, teacher, method, out, dev, log)
+    eng.teacher_hash = file_hash(teacher.path)
+    torch.manual_seed(mix_seed(t.seed, 0, 3))
+    eng.student = init_student(method.student_recipe(), teacher, dev)
+    eng.ema = copy.deepcopy(eng.student).eval().requires_grad_(False)
+    eng.opt = torch.optim.AdamW(eng.student.net.parameters(), lr=t.lr, betas=t.adam_betas,
+                                weight_decay=t.weight_decay)
+    total = method.total_steps()
+    start = 0
+    if resume:
+        found = latest_state(out)
+        if found is not None:
+            start = load_state(found[1], eng.student.net, eng.ema.net, eng.opt, expect_step=found[0])
+            log(f"resumed {out} at step {start}")
+    _truncate_metrics(out / "metrics.csv", start)
+    method.prepare(eng)
+    params = list(eng.student.net.parameters())
+    ema_params = list(eng.ema.net.parameters())
+    finished = method.finished_students()
+
+    def checkpoint(step: int) -> Path:
+        for p in params:
+            if not torch.isfinite(p).all():
+                raise RunFailure(f"step {step}: weights became non-finite; no checkpoint written")
+        ck = out / "checkpoints" / f"step_{step:07d}.safetensors"
+        save_state(out / "checkpoints" / f"step_{step:07d}.state.safetensors", step, recipe, eng.student.net,
+                   eng.ema.net, eng.opt)
+        eng.save_student(ck, step)
+        _retain(out / "checkpoints", t.keep_last)
+        return ck
+
+    metrics = _MetricsWriter(out / "metrics.csv")
+    t0 = time.perf_counter()
+    step, window, window_imgs, window_t, last_ck, loss_v = start, [], 0, time.perf_counter(), None, float("nan")
+    eng.student.train()
+    with _Signals() as sigs, progress() as bar:
+        task = bar.add_task(f"distill ({method.name})", total=total, completed=start, info="",
+                            visible=show_progress)
+        while step < total:
+            method.begin_step(eng, step)
+            g = torch.Generator().manual_seed(mix_seed(t.seed, step, 1))
+            torch.manual_seed(mix_seed(t.seed, step, 4))
+            x0, y = method.batch(eng, step)
+            lr = lr_at(recipe, step) if t.lr_schedule == "constant" else _cosine_lr(recipe, step, total)
+            for group in eng.opt.param_groups:
+                group["lr"] = lr
+            loss = method.loss(eng, step, x0, y, g)
+            loss_v = float(loss.detach())
+            if not math.isfinite(loss_v):
+                raise RunFailure(f"step {step}: distillation loss is {loss_v}; stopping. The last good checkpoint "
+                                 f"is {last_ck or 'not written yet'}; lower train.lr")
+            eng.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            eng.opt.step()
+            torch._foreach_lerp_(ema_params, params, 1 - method.ema_decay(step))
+            for b_ema, b in zip(eng.ema.net.buffers(), eng.student.net.buffers()):
+                b_ema.copy_(b)
+            window.append(loss_v)
+            window_imgs += x0.shape[0]
+            step += 1
+            bar.update(task, completed=step, info=f"loss {loss_v:.4f}")
+            budget = t.max_minutes is not None and (time.perf_counter() - t0) > 60 * t.max_minutes
+            if step in finished:
+                eng.save_student(out / "students" / f"steps_{finished[step]:03d}.safetensors", step, finished[step])
+                log(f"step {step}: student with {finished[step]} step(s) → students/steps_{finished[step]:03d}.safetensors")
+            if (step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == total or budget
+                    or sigs.received or step in finished):
+                now = time.perf_counter()
+                metrics.write([step, f"{sum(window) / len(window):.8g}", f"{lr:.6g}",
+                               f"{window_imgs / max(now - window_t, 1e-9):.1f}", f"{now - t0:.2f}"])
+                window, window_imgs, window_t = [], 0, now
+            if step % t.checkpoint_every == 0 or step == total or budget or sigs.received or step in finished:
+                last_ck = checkpoint(step)
+            if step % t.sample_every == 0 or step == total:
+                eng.sample_grid(out / "samples" / f"step_{step:07d}.png", t.sample_grid)
+            if sigs.received:
+                raise Interrupted(f"interrupted at step {step}; checkpoint {last_ck} written. Resume with: diffcli "
+                                  f"distill {out / 'recipe.toml'} --teacher {teacher.path} --out {out} --resume",
+                                  128 + sigs.received)
+            if budget:
+                log(f"train.max_minutes = {t.max_minutes} spent at step {step} of {total}")
+                break
+    if last_ck is None:
+        last_ck = checkpoint(step)
+    final = out / "last.safetensors"
+    eng.save_student(final, step)
+    eng.ema.eval()
+    summary = {"method": method.name, "teacher": str(teacher.path), "teacher_sha256": eng.teacher_hash,
+               "steps": step, "total_steps": total, "seconds": round(time.perf_counter() - t0, 2),
+               "last_loss": loss_v, "students": sorted(str(p.relative_to(out)) for p in (out / "students").glob("*"))
+               if (out / "students").exists() else [], **method.report(eng)}
+    atomic_write_text(out / "distill.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _cosine_lr(recipe: DistillRecipe, step: int, total: int) -> float:
+    t = recipe.train
+    lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+    return lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+# --- small shared numerics --------------------------------------------------------------------------------
+def bcast(sigma: Tensor, x: Tensor) -> Tensor:
+    """σ (B,) shaped to broadcast against x (B, C, H, W)."""
+    return sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+def ddim_step(denoiser, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: Tensor | None) -> Tensor:
+    """One deterministic DDIM step σ → σ' (= Euler on the probability-flow ODE): x' = D + σ'/σ·(x - D)."""
+    d = denoiser(x, sigma, cond)
+    return d + bcast(sigma_next / sigma, x) * (x - d)
+
+
+def heun_step(denoiser, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: Tensor | None) -> Tensor:
+    """One Heun step of dx/dσ = (x - D(x, σ))/σ from σ to σ' > 0 (Karras et al. 2022, Alg. 1)."""
+    s, s2 = bcast(sigma, x), bcast(sigma_next, x)
+    d1 = (x - denoiser(x, sigma, cond)) / s
+    x_e = x + (s2 - s) * d1
+    d2 = (x_e - denoiser(x_e, sigma_next, cond)) / s2
+    return x + (s2 - s) * (d1 + d2) / 2

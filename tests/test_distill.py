@@ -1,0 +1,366 @@
+"""Distillation: exact-answer checks on the Gaussian-mixture oracle, round bookkeeping, the consistency boundary
+condition, the guidance target, reflow pairs and straightness, and the CLI end to end on the tiny teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffcli.cli import main as cli_main
+from diffcli.denoiser import Denoiser
+from diffcli.distill.common import ddim_step, heun_step
+from diffcli.distill.consistency import consistency_loss, ct_scales, karras_levels, l2, pseudo_huber
+from diffcli.distill.guidance import guidance_target
+from diffcli.distill.progressive import progressive_loss, progressive_target
+from diffcli.distill.reflow import make_pairs, straightness
+from diffcli.oracle import GaussianMixtureDenoiser
+from diffcli.processes import make_process
+from diffcli.samplers import get_sigmas
+
+STEPS = ["train.log_every=1", "train.checkpoint_every=2", "train.sample_every=1000", "train.sample_grid=4",
+         "train.batch_size=8", "train.device='cpu'"]
+
+
+class MLP(nn.Module):
+    """A small backbone with the UNet's calling convention (x, c_noise, labels), for oracle experiments."""
+
+    def __init__(self, dim: int, width: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim + 16, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, dim))
+        self.register_buffer("freqs", torch.linspace(0.5, 8, 8))
+
+    def forward(self, x, c_noise, labels=None):
+        e = c_noise.float()[:, None] * self.freqs
+        h = torch.cat([x.flatten(1), e.sin(), e.cos()], 1)
+        return self.net(h).reshape(x.shape)
+
+
+def _fit(student, loss_fn, steps: int, lr: float = 3e-3):
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for i in range(steps):
+        loss = loss_fn(torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return student.eval()
+
+
+# --- progressive --------------------------------------------------------------------------------------------
+def test_progressive_target_is_exactly_two_teacher_steps(gm):
+    """One DDIM step with the target x̃ lands exactly where two teacher DDIM steps land (also onto σ'' = 0)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, *gm.shape, generator=g, dtype=torch.float64) * 3
+    for s, m, n in ((3.0, 1.0, 0.3), (1.0, 0.3, 0.0)):
+        sig = lambda v: torch.full((64,), v, dtype=torch.float64)
+        xt = progressive_target(gm, x, sig(s), sig(m), sig(n))
+        one = ddim_step(lambda x_, s_, c_: xt, x, sig(s), sig(n), None)
+        two = ddim_step(gm, ddim_step(gm, x, sig(s), sig(m), None), sig(m), sig(n), None)
+        assert torch.allclose(one, two, atol=1e-12)
+
+
+def test_progressive_student_matches_two_teacher_steps_on_held_out_points():
+    """Distil the analytic mixture teacher (4 DDIM steps) into a 2-step MLP student: on held-out points one
+    student step matches two teacher steps far better than one teacher step does."""
+    gm = GaussianMixtureDenoiser.random(k=3, shape=(1, 1, 2), std=0.15, seed=1, spread=0.7)
+    proc = make_process("edm", sigma_min=0.02, sigma_max=5.0)
+    student = Denoiser(MLP(2, 64), proc, "edm")
+    teacher_grid = get_sigmas("karras", 4, 0.02, 5.0)
+    oracle = lambda x, s, c=None: gm(x.double(), s.double()).float()
+
+    def loss_fn(g):
+        return progressive_loss(student, oracle, gm.sample(128, g).float(), None, teacher_grid, g)
+
+    _fit(student, loss_fn, 400, lr=5e-3)
+    g = torch.Generator().manual_seed(999)
+    errs, naive = [], []
+    for i in range(2):  # the two student steps: σ_0 → σ_2 and σ_2 → σ_4 = 0
+        s, m, n = (teacher_grid[2 * i + j].float().expand(512) for j in range(3))
+        x = gm.sample(512, g).float() + s[0] * torch.randn(512, *gm.shape, generator=g)
+        two = ddim_step(oracle, ddim_step(oracle, x, s, m, None), m, n, None)
+        with torch.no_grad():
+            one_student = ddim_step(student, x, s, n, None)
+        one_teacher = ddim_step(oracle, x, s, n, None)
+        errs.append((one_student - two).square().mean().sqrt())
+        naive.append((one_teacher - two).square().mean().sqrt())
+    # The high-noise step is where two teacher steps differ most from one; the last step (to σ = 0, nearly the
+    # posterior mean already) only needs to stay small in absolute terms.
+    assert errs[0] < 0.3 * naive[0] and errs[0] < 0.02, (errs, naive)
+    assert errs[1] < 0.05, (errs, naive)
+
+
+def test_progressive_round_bookkeeping(tiny_ckpt):
+    from diffcli.checkpoint import load_checkpoint
+    from diffcli.distill.progressive import Progressive
+    from diffcli.recipes import DistillRecipe
+
+    rec = DistillRecipe.model_validate({"method": "progressive", "train": {"max_steps": 7},
+                                        "progressive": {"teacher_steps": 16, "target_steps": 2}})
+    m = Progressive(rec, load_checkpoint(tiny_ckpt))
+    assert m.rounds == 3 and m.per_round == 3 and m.total_steps() == 9
+    assert m.finished_students() == {3: 8, 6: 4, 9: 2}
+    base = m.base
+    for steps in (8, 4, 2):
+        sampler, n, grid = m.student_sampling(steps)
+        assert sampler == "ddim" and n == steps and len(grid) == steps + 1 and grid[-1] == 0.0
+        assert grid == [float(v) for v in base[:: 16 // steps]]  # every other level of the previous teacher
+
+
+@pytest.mark.parametrize("n,k", [(24, 5), (16, 16), (12, 2), (8, 3)])
+def test_progressive_unreachable_target_is_refused(n, k):
+    from pydantic import ValidationError
+
+    from diffcli.recipes import ProgressiveConfig
+
+    with pytest.raises(ValidationError, match="not reachable"):
+        ProgressiveConfig(teacher_steps=n, target_steps=k)
+
+
+# --- consistency -----------------------------------------------------------------------------------------------
+def test_consistency_boundary_condition_is_exact(tiny_ckpt):
+    """f(x, σ_min) = x bit for bit, whatever the (here: perturbed) weights."""
+    from diffcli.checkpoint import load_checkpoint
+    from diffcli.distill.common import init_student, student_recipe
+
+    ck = load_checkpoint(tiny_ckpt)
+    f = init_student(student_recipe(ck.recipe, sampler="consistency", steps=1, parameterization="consistency",
+                                    sigma_min=0.002), ck, torch.device("cpu"))
+    with torch.no_grad():
+        for p in f.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(5, 1, 8, 8) * 0.7
+    with torch.no_grad():
+        out = f(x, torch.full((5,), f.sigma_min), torch.arange(5))
+        assert torch.equal(out, x)
+        assert not torch.allclose(f(x, torch.full((5,), 0.01), torch.arange(5)), x, atol=1e-4)
+
+
+def _gaussian_flow_map(mu: torch.Tensor, s: float, sigma_min: float):
+    """Data N(μ, s²I): the probability-flow ODE is x(σ) - μ ∝ sqrt(s² + σ²), so its flow map to σ_min and its
+    exact step between two levels are closed forms."""
+    def f(x, sigma, cond=None):
+        r = ((s**2 + sigma_min**2) / (s**2 + sigma.double() ** 2)).sqrt().reshape(-1, 1, 1, 1)
+        return mu + (x - mu) * r
+
+    def step(x, sigma, sigma_next, cond=None):
+        r = ((s**2 + sigma_next.double() ** 2) / (s**2 + sigma.double() ** 2)).sqrt().reshape(-1, 1, 1, 1)
+        return mu + (x - mu) * r
+
+    def denoiser(x, sigma, cond=None):
+        return mu + s**2 / (s**2 + sigma.double().reshape(-1, 1, 1, 1) ** 2) * (x - mu)
+
+    return f, step, denoiser
+
+
+def test_consistency_distillation_loss_is_zero_for_the_exact_flow_map():
+    mu, s, smin = torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64).reshape(1, 1, 2, 2), 0.4, 0.002
+    f, exact_step, den = _gaussian_flow_map(mu, s, smin)
+    g = torch.Generator().manual_seed(0)
+    levels = karras_levels(18, smin, 80.0)
+    n = torch.randint(0, 17, (256,), generator=g)
+    x0 = mu + s * torch.randn(256, 1, 2, 2, generator=g, dtype=torch.float64)
+    z = torch.randn(256, 1, 2, 2, generator=g, dtype=torch.float64)
+    metric = lambda a, b: pseudo_huber(a, b, 1e-3)
+    exact = consistency_loss(f, f, x0, z, levels[n], levels[n + 1], teacher_step=exact_step, metric=metric)
+    assert float(exact) < 1e-12
+    # With the Heun teacher the loss is the teacher's one-step error: small, and shrinking as the grid refines.
+    heun = lambda N: float(consistency_loss(
+        f, f, x0, z, karras_levels(N, smin, 80.0)[n % (N - 1)], karras_levels(N, smin, 80.0)[n % (N - 1) + 1],
+        teacher_step=lambda x, a, b, c: heun_step(den, x, a, b, c), metric=l2))
+    assert heun(80) < heun(18) / 10 and heun(18) < 1e-3
+    # A map that is not the flow map has a loss far from zero.
+    wrong = lambda x, sigma, cond=None: f(x, sigma) + 0.05 * sigma.double().log().reshape(-1, 1, 1, 1)
+    assert float(consistency_loss(wrong, wrong, x0, z, levels[n], levels[n + 1], teacher_step=exact_step,
+                                  metric=metric)) > 1e-3
+
+
+def test_ct_curriculum_doubles_to_the_final_scale():
+    ns = [ct_scales(k, 600, 10, 80) for k in range(0, 600, 50)]
+    assert ns[0] == 11 and ns[-1] == 81 and ns == sorted(ns)
+    assert set(ns) == {11, 21, 41, 81}
+
+
+# --- guidance ----------------------------------------------------------------------------------------------------
+def test_guidance_target_at_w1_is_the_conditional_teacher(gm):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, *gm.shape, generator=g, dtype=torch.float64)
+    sigma = torch.rand(32, generator=g, dtype=torch.float64) * 2 + 0.05
+    y = torch.arange(32) % gm.num_classes
+    one = torch.ones(32, dtype=torch.float64)
+    assert torch.equal(guidance_target(gm, x, sigma, y, one), gm(x, sigma, y))
+    zero = torch.zeros(32, dtype=torch.float64)
+    assert torch.allclose(guidance_target(gm, x, sigma, y, zero), gm(x, sigma, None))
+    w = torch.full((32,), 3.0, dtype=torch.float64)
+    expected = gm(x, sigma, None) + 3 * (gm(x, sigma, y) - gm(x, sigma, None))
+    assert torch.allclose(guidance_target(gm, x, sigma, y, w), expected)
+
+
+def test_guidance_student_starts_as_the_conditional_teacher(tiny_ckpt):
+    """The w embedding is zero-initialised: before training the student is the conditional teacher at any w."""
+    from diffcli.checkpoint import load_checkpoint
+    from diffcli.distill.common import init_student, student_recipe
+
+    ck = load_checkpoint(tiny_ckpt)
+    st = init_student(student_recipe(ck.recipe, sampler="heun", steps=4, guidance_embedding=True), ck,
+                      torch.device("cpu")).eval()
+    x, s, y = torch.randn(4, 1, 8, 8), torch.tensor([0.1, 1.0, 5.0, 40.0]), torch.arange(4)
+    with torch.no_grad():
+        assert torch.allclose(st(x, s, y, guidance=torch.full((4,), 3.0)), ck.denoiser(x, s, y), atol=1e-6)
+
+
+# --- reflow ------------------------------------------------------------------------------------------------------
+def test_reflow_pairs_are_reproducible_and_resumable(tiny_ckpt, tmp_path):
+    from diffcli.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(tiny_ckpt)
+    kw = dict(n=6, chunk=4, seed=3, sampler="euler", steps=2, cfg=1.0, device=torch.device("cpu"),
+              log=lambda *a: None)
+    a = make_pairs(ck.denoiser, 1, 8, folder=tmp_path / "a", **kw)
+    b = make_pairs(ck.denoiser, 1, 8, folder=tmp_path / "b", **kw)
+    (tmp_path / "b" / "chunk_000004.safetensors").unlink()  # an interrupted run: the last chunk is missing
+    c = make_pairs(ck.denoiser, 1, 8, folder=tmp_path / "b", **kw)
+    for u, v, w in zip(a, b, c):
+        assert torch.equal(u, v) and torch.equal(u, w)
+    assert a[0].shape == (6, 1, 8, 8) and a[2].tolist() == [0, 1, 2, 3, 4, 5]
+    other = make_pairs(ck.denoiser, 1, 8, folder=tmp_path / "c", **{**kw, "seed": 4})
+    assert not torch.equal(other[0], a[0])
+
+
+def test_reflow_straightens_the_oracle_flow():
+    """One reflow on pairs from the exact mixture ODE gives trajectories that are much straighter."""
+    from diffcli.samplers import SAMPLERS, exact_denoiser_calls
+
+    gm = GaussianMixtureDenoiser.random(k=4, shape=(1, 1, 2), std=0.1, seed=2, spread=0.8)
+    smax = 20.0
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2048, 1, 1, 2, generator=g, dtype=torch.float64)
+    with exact_denoiser_calls():
+        x1 = SAMPLERS["heun"](gm, z * smax, get_sigmas("karras", 40, 0.002, smax))
+    proc = make_process("edm", sigma_min=0.002, sigma_max=smax)
+    student = Denoiser(MLP(2, 64), proc, "edm", weighting="edm")
+
+    def loss_fn(gen):
+        i = torch.randint(0, 2048, (128,), generator=gen)
+        return student.loss(x1[i].float(), None, generator=gen, noise=z[i].float()).mean()
+
+    _fit(student, loss_fn, 400, lr=5e-3)
+    z_eval = torch.randn(256, 1, 1, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with exact_denoiser_calls():
+        before = straightness(gm, z_eval, smax)
+    with torch.no_grad():
+        after = straightness(student, z_eval.float(), smax)
+    assert after < 0.5 * before, (before, after)
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+def _write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+RECIPES = {
+    "progressive": 'method = "progressive"\n[progressive]\nteacher_steps = 8\ntarget_steps = 2\n',
+    "consistency": 'method = "consistency"\n[consistency]\nnum_scales = 6\n',
+    "guidance": 'method = "guidance"\n[guidance]\nsteps = 3\nsampler = "euler"\n',
+    "reflow": 'method = "reflow"\n[reflow]\nnum_pairs = 12\npair_steps = 2\npair_sampler = "euler"\n'
+              'chunk_size = 8\nstraightness_samples = 4\n',
+}
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_cli_distill_end_to_end(method, tiny_ckpt, tmp_path, capsys):
+    rec = _write(tmp_path, f"{method}.toml", RECIPES[method])
+    out = tmp_path / "run"
+    args = ["distill", str(rec), "--teacher", str(tiny_ckpt), "--out", str(out), "--set", "train.max_steps=4"]
+    for o in STEPS:
+        args += ["--set", o]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    summary = json.loads((out / "distill.json").read_text())
+    assert summary["method"] == method and summary["steps"] == 4
+    students = sorted((out / "students").glob("steps_*.safetensors"))
+    expected = {"progressive": ["steps_002", "steps_004"], "consistency": ["steps_001"], "guidance": ["steps_003"],
+                "reflow": ["steps_001"]}[method]
+    assert [p.stem for p in students] == expected
+    assert (out / "last.safetensors").exists() and (out / "metrics.csv").exists()
+    if method == "reflow":
+        assert len(list((out / "pairs").glob("chunk_*.safetensors"))) == 2
+        assert summary["straightness_teacher"] > 0 and summary["straightness_student"] > 0
+    student = students[0]
+    sample_out = tmp_path / "samples"
+    assert cli_main(["sample", str(student), "--n", "4", "--out", str(sample_out), "--device", "cpu"]) == 0
+    info = json.loads((sample_out / "sample.json").read_text())
+    meta_grid = json.loads(__import__("diffcli.checkpoint", fromlist=["x"]).read_header(student)[1]["student_sigmas"])
+    assert info["sigmas"] == pytest.approx(meta_grid) and info["kind"] == "student"
+    assert info["nfe"] == {"progressive": 2, "consistency": 1, "guidance": 3, "reflow": 1}[method]
+    if method == "guidance":  # --cfg w on the student: one forward per step
+        g_out = tmp_path / "guided"
+        assert cli_main(["sample", str(student), "--n", "4", "--cfg", "3", "--out", str(g_out), "--device", "cpu"]) == 0
+        info = json.loads((g_out / "sample.json").read_text())
+        assert info["network_evaluations"] == info["nfe"] == 3 and info["cfg"] == 3
+    if method == "consistency":  # multistep consistency sampling
+        m_out = tmp_path / "multi"
+        assert cli_main(["sample", str(student), "--sampler", "consistency", "--steps", "2", "--n", "4",
+                         "--out", str(m_out), "--device", "cpu"]) == 0
+        info = json.loads((m_out / "sample.json").read_text())
+        assert info["nfe"] == 2 and len(info["sigmas"]) == 3 and info["sigmas"][1] > 0.002
+
+
+def test_progressive_resume_is_bit_exact_across_a_round(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffcli.distill.common import distill
+    from diffcli.recipes import load_distill_recipe
+
+    rec = _write(tmp_path, "pd.toml", RECIPES["progressive"])
+    over = ["train.max_steps=4"] + STEPS
+    quiet = dict(log=lambda *a, **k: None, show_progress=False)
+    distill(load_distill_recipe(rec, over), tiny_ckpt, tmp_path / "straight", **quiet)
+    distill(load_distill_recipe(rec, over + ["train.max_minutes=1e-9"]), tiny_ckpt, tmp_path / "resumed", **quiet)
+    assert not (tmp_path / "resumed" / "students" / "steps_002.safetensors").exists()
+    distill(load_distill_recipe(rec, over), tiny_ckpt, tmp_path / "resumed", resume=True, **quiet)
+    a = load_file(str(tmp_path / "straight" / "students" / "steps_002.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "students" / "steps_002.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _unconditional_teacher(tmp_path, tiny_recipe_path):
+    from diffcli.checkpoint import build_denoiser, save_denoiser
+    from diffcli.recipes import load_recipe
+
+    r = load_recipe(tiny_recipe_path, ["data.class_conditional=false", "train.p_uncond=0"])
+    d = build_denoiser(r, 1, 8, 0)
+    p = tmp_path / "uncond.safetensors"
+    save_denoiser(p, d, r, step=0, channels=1, resolution=8)
+    return p
+
+
+def test_cli_distill_bad_input_exits_2(tiny_run, tiny_ckpt, tiny_recipe_path, tmp_path, capsys):
+    def run(recipe_text, teacher=tiny_ckpt, name="r.toml"):
+        rec = _write(tmp_path, name, recipe_text)
+        rc = cli_main(["distill", str(rec), "--teacher", str(teacher), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        return rc, err
+
+    state = next((tiny_run / "checkpoints").glob("*.state.safetensors"))
+    cases = [
+        (RECIPES["consistency"], state, "a denoiser is needed"),
+        (RECIPES["guidance"], _unconditional_teacher(tmp_path, tiny_recipe_path), "class-conditional teacher"),
+        ('method = "progressive"\n[progressive]\nteacher_steps = 12\ntarget_steps = 1\n', tiny_ckpt, "not reachable"),
+        ('method = "progressive"\n[consistency]\nnum_scales = 6\n', tiny_ckpt, "keys of method 'consistency'"),
+        ('method = "reflow"\n[reflow]\nnum_scales = 6\n', tiny_ckpt, "unknown key reflow.num_scales"),
+        ('method = "guidance"\n[guidance]\nw_min = 3\nw_max = 1\n', tiny_ckpt, "w_min"),
+    ]
+    for text, teacher, msg in cases:
+        rc, err = run(text, teacher)
+        assert rc == 2 and err.startswith("error:") and msg in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()  # nothing written on bad input
+    rc = cli_main(["train", str(_write(tmp_path, "d.toml", RECIPES["progressive"]))])
+    assert rc == 2 and "diffcli distill" in capsys.readouterr().err
