@@ -290,6 +290,8 @@ class ReflowConfig(_Strict):
     chunk_size: int = Field(256, ge=1, description="pairs per stored chunk (resume granularity)")
     student_steps: int = Field(1, ge=1, description="Euler steps the reflowed student samples with")
     straightness_samples: int = Field(256, ge=2)
+    straightness_steps: int = Field(32, ge=2, le=1000, description="DDIM steps (uniform in flow time) of the "
+                                    "straightness measurement")
 
 
 class DistillRecipe(_Strict):

@@ -117,7 +117,7 @@ class Reflow(Method):
         self.eval_z = self.z[: c.straightness_samples].to(eng.dev)
         self.eval_y = self.y[: c.straightness_samples].to(eng.dev) if self.y is not None else None
         if self.before is None:
-            self.before = straightness(d, self.eval_z, d.sigma_max, cond=self.eval_y)
+            self.before = straightness(d, self.eval_z, d.sigma_max, c.straightness_steps, cond=self.eval_y)
             eng.log(f"straightness of the teacher's trajectories: {self.before:.5f}")
 
     def batch(self, eng, step: int):
@@ -134,7 +134,7 @@ class Reflow(Method):
 
     def report(self, eng) -> dict:
         d = eng.ema
-        self.after = straightness(d, self.eval_z, d.sigma_max, cond=self.eval_y)
+        self.after = straightness(d, self.eval_z, d.sigma_max, self.cfg.straightness_steps, cond=self.eval_y)
         eng.log(f"straightness: teacher {self.before:.5f} → reflowed student {self.after:.5f}")
         return {"straightness_teacher": self.before, "straightness_student": self.after,
                 "pairs": self.cfg.num_pairs}
