@@ -12,6 +12,7 @@ from torch import nn
 
 from diffcli.cli import main as cli_main
 from diffcli.denoiser import Denoiser
+from diffcli.errors import UserError
 from diffcli.distill.common import ddim_step, heun_step
 from diffcli.distill.consistency import consistency_loss, ct_scales, karras_levels, l2, pseudo_huber
 from diffcli.distill.guidance import guidance_target
@@ -326,6 +327,13 @@ def test_progressive_resume_is_bit_exact_across_a_round(tiny_ckpt, tmp_path):
     distill(load_distill_recipe(rec, over + ["train.max_minutes=1e-9"]), tiny_ckpt, tmp_path / "resumed", **quiet)
     assert not (tmp_path / "resumed" / "students" / "steps_002.safetensors").exists()
     distill(load_distill_recipe(rec, over), tiny_ckpt, tmp_path / "resumed", resume=True, **quiet)
+    other = tmp_path / "other_teacher.safetensors"  # same weights, other file contents: a different teacher
+    from diffcli.checkpoint import read_safetensors, save_safetensors
+
+    tensors, meta = read_safetensors(tiny_ckpt)
+    save_safetensors(other, tensors, {**meta, "step": "999"})
+    with pytest.raises(UserError, match="resume with the run's own teacher"):
+        distill(load_distill_recipe(rec, over), other, tmp_path / "resumed", resume=True, **quiet)
     a = load_file(str(tmp_path / "straight" / "students" / "steps_002.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "students" / "steps_002.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -175,13 +175,21 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
             p = out / f
             if p.exists():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+    teacher_hash = file_hash(teacher.path)
+    if resume and (out / "last.safetensors").exists():
+        from ..checkpoint import read_header
+
+        was = read_header(out / "last.safetensors")[1].get("teacher_sha256")
+        if was is not None and was != teacher_hash:
+            raise UserError(f"--resume {str(out)!r}: the run was distilled from a teacher with sha256 {was}, but "
+                            f"--teacher {str(teacher.path)!r} has {teacher_hash}; resume with the run's own teacher")
     recipe = prepare_run_folder(out, recipe, resume=resume, force=force, loader=load_distill_recipe)
     method.recipe, t = recipe, recipe.train
     from ..checkpoint import atomic_write_bytes
 
     atomic_write_bytes(out / "recipe.toml", recipe.to_toml().encode())
     eng = Distiller(recipe, teacher, method, out, dev, log)
-    eng.teacher_hash = file_hash(teacher.path)
+    eng.teacher_hash = teacher_hash
     torch.manual_seed(mix_seed(t.seed, 0, 3))
     eng.student = init_student(method.student_recipe(), teacher, dev)
     eng.ema = copy.deepcopy(eng.student).eval().requires_grad_(False)
