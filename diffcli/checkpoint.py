@@ -294,6 +294,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     denoiser = build_denoiser(recipe, channels, resolution, num_classes)
     load_weights(denoiser.net, tensors, path)
     denoiser.to(device).eval()
+    if kind == "student" and "student_sigmas" in meta:  # the grid a distilled student was trained for
+        denoiser.student_grid = (meta.get("student_sampler"), meta["student_sigmas"])
     return LoadedCheckpoint(denoiser, recipe, meta, path)
 
 

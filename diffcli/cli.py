@@ -197,7 +197,6 @@ def sample(
         if steps < 1:
             raise UserError(f"--nfe {nfe}: too small for {name} (one step costs "
                             f"{SAMPLER_INFO[name].nfe(1, **options)} denoiser calls)")
-    steps_given = steps
     steps = steps if steps is not None else rs.steps
     if steps < 1:
         raise UserError(f"--steps {steps}: must be ≥ 1")
@@ -214,9 +213,6 @@ def sample(
                        class_id=class_id, n=n, batch_size=batch_size, seed=seed, options=options,
                        cfg_interval=interval, classifier=str(classifier) if classifier else None,
                        classifier_scale=classifier_scale)
-    if ck.meta.get("student_sigmas") and sampler is None and steps_given is None and schedule is None:
-        from .generate import student_sigmas  # a distilled student samples on the σ grid it was distilled for
-        s.sigmas = student_sigmas(ck)
     validate_settings(s, ck.denoiser.num_classes)
     clf = None
     if classifier is not None:

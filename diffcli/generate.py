@@ -109,6 +109,11 @@ def default_schedule(sampler: str, process) -> str:
 def sigma_grid(ck_denoiser, s: SampleSettings) -> Tensor:
     if s.sigmas is not None:
         return torch.tensor(s.sigmas, dtype=torch.float64)
+    student = getattr(ck_denoiser, "student_grid", None)  # (sampler, σ grid JSON) of a distilled student
+    if student is not None and s.schedule is None and s.sigma_min is None and s.sigma_max is None:
+        grid = json.loads(student[1])
+        if s.sampler == student[0] and s.steps == len(grid) - 1:  # the student's own sampling: its exact grid
+            return torch.tensor(grid, dtype=torch.float64)
     lo = s.sigma_min if s.sigma_min is not None else ck_denoiser.sigma_min
     hi = s.sigma_max if s.sigma_max is not None else ck_denoiser.sigma_max
     if s.sampler == "consistency" and s.schedule in (None, "karras"):

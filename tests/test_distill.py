@@ -301,6 +301,14 @@ def test_cli_distill_end_to_end(method, tiny_ckpt, tmp_path, capsys):
     meta_grid = json.loads(__import__("diffcli.checkpoint", fromlist=["x"]).read_header(student)[1]["student_sigmas"])
     assert info["sigmas"] == pytest.approx(meta_grid) and info["kind"] == "student"
     assert info["nfe"] == {"progressive": 2, "consistency": 1, "guidance": 3, "reflow": 1}[method]
+    if method == "progressive":  # the student's own sampler and steps, spelled out, keep its grid (eval-fid does so)
+        from diffcli.checkpoint import load_checkpoint
+        from diffcli.generate import SampleSettings, sigma_grid
+
+        d = load_checkpoint(student).denoiser
+        assert sigma_grid(d, SampleSettings(sampler="ddim", steps=2)).tolist() == pytest.approx(meta_grid)
+        assert sigma_grid(d, SampleSettings(sampler="ddim", steps=2, schedule="karras")).tolist() != \
+            pytest.approx(meta_grid)
     if method == "guidance":  # --cfg w on the student: one forward per step
         g_out = tmp_path / "guided"
         assert cli_main(["sample", str(student), "--n", "4", "--cfg", "3", "--out", str(g_out), "--device", "cpu"]) == 0
