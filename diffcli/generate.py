@@ -111,7 +111,7 @@ def sigma_grid(ck_denoiser, s: SampleSettings) -> Tensor:
         return torch.tensor(s.sigmas, dtype=torch.float64)
     student = getattr(ck_denoiser, "student_grid", None)  # (sampler, σ grid JSON) of a distilled student
     if student is not None and s.schedule is None and s.sigma_min is None and s.sigma_max is None:
-        grid = json.loads(student[1])
+        grid = _valid_grid(student[1])
         if s.sampler == student[0] and s.steps == len(grid) - 1:  # the student's own sampling: its exact grid
             return torch.tensor(grid, dtype=torch.float64)
     lo = s.sigma_min if s.sigma_min is not None else ck_denoiser.sigma_min
@@ -125,12 +125,16 @@ def sigma_grid(ck_denoiser, s: SampleSettings) -> Tensor:
 
 def student_sigmas(ck: LoadedCheckpoint) -> list[float]:
     """The σ grid a distilled student was trained for (metadata `student_sigmas`, diffcli.distill)."""
+    return _valid_grid(ck.meta.get("student_sigmas"), ck.path)
+
+
+def _valid_grid(text, source="checkpoint") -> list[float]:
     try:
-        sig = [float(v) for v in json.loads(ck.meta["student_sigmas"])]
-    except (ValueError, TypeError, KeyError):
-        raise UserError(f"{ck.path}: metadata student_sigmas is not a list of numbers") from None
+        sig = [float(v) for v in json.loads(text)]
+    except (ValueError, TypeError):
+        raise UserError(f"{source}: metadata student_sigmas is not a list of numbers") from None
     if len(sig) < 2 or sig[-1] != 0 or any(a <= b for a, b in zip(sig, sig[1:])):
-        raise UserError(f"{ck.path}: metadata student_sigmas {sig[:4]}… is not a decreasing grid ending with 0")
+        raise UserError(f"{source}: metadata student_sigmas {sig[:4]}… is not a decreasing grid ending with 0")
     return sig
 
 
