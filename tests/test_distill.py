@@ -270,15 +270,17 @@ def _write(tmp_path, name, text):
 RECIPES = {
     "progressive": 'method = "progressive"\n[progressive]\nteacher_steps = 8\ntarget_steps = 2\n',
     "consistency": 'method = "consistency"\n[consistency]\nnum_scales = 6\n',
+    "consistency-ct": 'method = "consistency"\n[consistency]\nmode = "ct"\nnum_scales = 12\nct_initial_scales = 3\n',
     "guidance": 'method = "guidance"\n[guidance]\nsteps = 3\nsampler = "euler"\n',
     "reflow": 'method = "reflow"\n[reflow]\nnum_pairs = 12\npair_steps = 2\npair_sampler = "euler"\n'
               'chunk_size = 8\nstraightness_samples = 4\n',
 }
 
 
-@pytest.mark.parametrize("method", list(RECIPES))
-def test_cli_distill_end_to_end(method, tiny_ckpt, tmp_path, capsys):
-    rec = _write(tmp_path, f"{method}.toml", RECIPES[method])
+@pytest.mark.parametrize("variant", list(RECIPES))
+def test_cli_distill_end_to_end(variant, tiny_ckpt, tmp_path, capsys):
+    method = variant.split("-")[0]
+    rec = _write(tmp_path, f"{variant}.toml", RECIPES[variant])
     out = tmp_path / "run"
     args = ["distill", str(rec), "--teacher", str(tiny_ckpt), "--out", str(out), "--set", "train.max_steps=4"]
     for o in STEPS:
