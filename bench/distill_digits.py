@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--methods", default="progressive,consistency,guidance,reflow")
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe override (every method)")
     ap.add_argument("--full", action="store_true", help="run the shipped recipes unchanged (no BENCH_SIZES)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)  # on a shared, loaded machine one thread is ~10× faster than two
@@ -112,6 +113,7 @@ def main() -> None:
             over.append(f"train.max_minutes={args.max_minutes}")
         if args.max_steps is not None:
             over.append(f"train.max_steps={args.max_steps}")
+        over += args.sets
         rec = load_distill_recipe(f"recipes/digits-{method}.toml", over)
         run = out / method
         t0 = time.perf_counter()
