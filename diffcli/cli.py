@@ -253,11 +253,11 @@ def distill(
     recipe: Optional[Path] = typer.Argument(None, help="Distillation recipe (TOML with method = …; optional with "
                                             "--resume: the run's own)."),
     teacher: Path = typer.Option(..., "--teacher", help="The teacher: a diffcli denoiser checkpoint."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/RECIPE_NAME]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/RECIPE_NAME)."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set train.max_steps=200."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start over in an --out that already holds a run."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N [default: recipe]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: recipe)."),
 ) -> None:
     """Distill a teacher into few-step students: progressive, consistency, guidance or reflow.
 
