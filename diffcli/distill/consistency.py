@@ -15,6 +15,9 @@ decay μ (CD, μ = 0.95 by default) or θ itself under stop-gradient (iCT, μ = 
 run's EMA, so the student written to disk is θ⁻ (for CT the raw weights). d is the pseudo-Huber metric
 sqrt(|a-b|² + c²) - c with c = 0.00054·sqrt(dim) or L2; LPIPS (the paper's choice for images) needs weights that
 cannot be downloaded here: `metric=` takes any callable instead.
+
+Simplifications, stated: n is drawn uniformly for CD and CT (iCT draws it from a discretised log-normal), and
+the run's EMA doubles as the target network (the paper keeps a separate, slower EMA for evaluation).
 """
 
 from __future__ import annotations
