@@ -33,7 +33,7 @@ from diffcli.samplers import SAMPLER_INFO
 
 BENCH_SIZES = {
     "progressive": ["progressive.teacher_steps=16", "train.max_steps=480", "train.batch_size=32",
-                    "train.checkpoint_every=120"],
+                    "train.checkpoint_every=120", "train.ema_decay=0.995"],
     "consistency": ["train.max_steps=480", "train.batch_size=32"],
     "guidance": ["train.max_steps=360", "train.batch_size=32", "guidance.sampler='dpmpp_2m'", "guidance.steps=8"],
     "reflow": ["reflow.num_pairs=512", "reflow.chunk_size=256", "reflow.straightness_samples=128",
