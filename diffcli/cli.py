@@ -126,7 +126,7 @@ def sample(
     eta: Optional[float] = typer.Option(None, "--eta", help="Stochasticity η in [0, 1] (ddim, euler_ancestral, dpmpp_2m_sde)."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale (1 = none)."),
     class_id: Optional[int] = typer.Option(None, "--class", help="Class id for every image [default: cycle]."),
-    n: int = typer.Option(64, "--n", help="Number of images."),
+    n: int = typer.Option(64, "--n", "-n", help="Number of images."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per batch (results do not depend on it)."),
     seed: int = typer.Option(0, "--seed", help="Run seed; image i depends only on (seed, i)."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Sample folder."),

@@ -353,7 +353,12 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     lo, hi = world.shard(t.batch_size)
     train_net = denoiser.net
     if world.distributed:
+        import warnings
+
         from torch.nn.parallel import DistributedDataParallel
+
+        # attention's 1×1 convolutions produce channels-last gradients; DDP copies them into its buckets
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
         train_net = DistributedDataParallel(denoiser.net, device_ids=[dev.index] if dev.type == "cuda" else None)
     params = [p for p in denoiser.net.parameters()]
