@@ -309,6 +309,9 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
                                 show_progress=show_progress)
     if recipe.task != "denoiser":
         raise UserError(f"task = {recipe.task!r}: diffcli train supports task = 'denoiser' in this version")
+    if recipe.diffusion.parameterization == "consistency":
+        raise UserError("diffusion.parameterization = 'consistency': consistency models are made by "
+                        "`diffcli distill` (method = 'consistency'), not by diffcli train")
     dev = resolve_device(device or recipe.train.device)
     # The dataset before the run folder: a missing or broken dataset must fail before the folder is created,
     # resumed or (with --force) emptied. A resumed run's recipe equals this one but for the step budget.

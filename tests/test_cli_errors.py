@@ -192,6 +192,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["p_uncond"]),
     ("train: dataset not there", ["train", "{w}/tiny.toml", "--set", "data.name=celeba", "--set", "train.p_uncond=0",
                                   "--set", "data.root={w}/nodata", "--set", "data.resolution=8", "--out", "{w}/o"], ["celeba", "img_align_celeba"]),
+    ("train: consistency parameterization", ["train", "{w}/tiny.toml", "--set", "diffusion.parameterization=consistency",
+                                             "--out", "{w}/o"], ["consistency", "diffcli distill"]),
     ("train: imagefolder without path", ["train", "{w}/tiny.toml", "--set", "data.name=imagefolder", "--out",
                                          "{w}/o"], ["data.path"]),
     ("train: imagefolder missing", ["train", "{w}/tiny.toml", "--set", "data.name=imagefolder", "--set",
