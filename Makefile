@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/diffcli train recipes/digits.toml --out runs/digits --force
-	$(BIN)/diffcli sample runs/digits/last.safetensors --sampler ddim --steps 50 --cfg 2.0 --n 100 --out runs/digits/demo_samples --force
-	@echo "grid: runs/digits/demo_samples/grid.png"
+	$(BIN)/diffcli train recipes/digits.toml --out runs/demo --force
+	$(BIN)/diffcli sample runs/demo/last.safetensors --sampler ddim --steps 50 --cfg 2.0 --n 100 --out runs/demo/samples --force
+	@echo "grid: runs/demo/samples/grid.png"
 
 # pytest exits 5 when it collects no test: fail loudly rather than pass an empty run.
 test: $(STAMP)
