@@ -18,8 +18,8 @@ from .errors import DiffcliError, UserError
 app = typer.Typer(
     name="diffcli", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     rich_markup_mode="rich",
-    help="One toolkit for diffusion models: [bold]train[/] → [bold]sample[/] (and, as they land: distill, "
-         "eval-fid, encode).\n\nQuick start:  [cyan]diffcli train recipes/digits.toml --out runs/digits[/] then "
+    help="One toolkit for diffusion models: [bold]train[/] → [bold]sample[/] → [bold]distill[/] → "
+         "[bold]eval-fid[/] → [bold]encode[/], on one safetensors checkpoint format.\n\nQuick start:  [cyan]diffcli train recipes/digits.toml --out runs/digits[/] then "
          "[cyan]diffcli sample runs/digits/last.safetensors --out samples/digits[/]",
 )
 
