@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
+from .generate import check_class_id
 from .guidance import Conditioned
 from .samplers import SAMPLER_INFO, SAMPLERS, SCHEDULES, NFECounter, get_sigmas
 
@@ -464,11 +465,7 @@ def validate_settings(s: EncodeSettings, num_classes: int, mode: str) -> list[st
         raise UserError(f"--batch-size {s.batch_size}: must be ≥ 1")
     if s.seed < 0:
         raise UserError(f"--seed {s.seed}: must be ≥ 0")
-    if s.class_id is not None:
-        if num_classes == 0:
-            raise UserError(f"--class {s.class_id}: the model is unconditional (no classes)")
-        if not 0 <= s.class_id < num_classes:
-            raise UserError(f"--class {s.class_id}: out of range; the model has classes 0..{num_classes - 1}")
+    check_class_id(s.class_id, num_classes)
     if s.cfg < 0:
         raise UserError(f"--cfg {s.cfg}: must be ≥ 0")
     if s.cfg != 1.0:

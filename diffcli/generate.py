@@ -78,13 +78,19 @@ def validate_settings(s: SampleSettings, num_classes: int) -> None:
     if s.cfg != 1.0 and num_classes == 0:
         raise UserError(f"--cfg {s.cfg}: the model is unconditional (no classes); classifier-free guidance "
                         f"needs a class-conditional model")
-    if s.class_id is not None:
-        if num_classes == 0:
-            raise UserError(f"--class {s.class_id}: the model is unconditional (no classes)")
-        if not 0 <= s.class_id < num_classes:
-            raise UserError(f"--class {s.class_id}: out of range; the model has classes 0..{num_classes - 1}")
+    check_class_id(s.class_id, num_classes)
     if s.seed < 0:
         raise UserError(f"--seed {s.seed}: must be ≥ 0")
+
+
+def check_class_id(class_id: int | None, num_classes: int) -> None:
+    """`--class K` must name one of the model's classes (and the model must have classes)."""
+    if class_id is None:
+        return
+    if num_classes == 0:
+        raise UserError(f"--class {class_id}: the model is unconditional (no classes)")
+    if not 0 <= class_id < num_classes:
+        raise UserError(f"--class {class_id}: out of range; the model has classes 0..{num_classes - 1}")
 
 
 def labels_for(s: SampleSettings, num_classes: int) -> Tensor | None:
