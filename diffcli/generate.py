@@ -113,20 +113,27 @@ def default_schedule(sampler: str, process) -> str:
 
 
 def sigma_grid(ck_denoiser, s: SampleSettings) -> Tensor:
+    """(steps+1,) float64 decreasing σ grid ending at 0 for these settings (see `labelled_sigma_grid`)."""
+    return labelled_sigma_grid(ck_denoiser, s)[0]
+
+
+def labelled_sigma_grid(ck_denoiser, s: SampleSettings) -> tuple[Tensor, str]:
+    """The σ grid and the name sample.json records for it: an explicit grid is "explicit" (or "tuned" when it
+    came from `--schedule tuned`), a distilled student's own grid is "student", else the schedule's name."""
     if s.sigmas is not None:
-        return torch.tensor(s.sigmas, dtype=torch.float64)
+        return torch.tensor(s.sigmas, dtype=torch.float64), ("tuned" if s.schedule == "tuned" else "explicit")
     student = getattr(ck_denoiser, "student_grid", None)  # (sampler, σ grid JSON) of a distilled student
     if student is not None and s.schedule is None and s.sigma_min is None and s.sigma_max is None:
         grid = _valid_grid(student[1])
         if s.sampler == student[0] and s.steps == len(grid) - 1:  # the student's own sampling: its exact grid
-            return torch.tensor(grid, dtype=torch.float64)
+            return torch.tensor(grid, dtype=torch.float64), "student"
     lo = s.sigma_min if s.sigma_min is not None else ck_denoiser.sigma_min
     hi = s.sigma_max if s.sigma_max is not None else ck_denoiser.sigma_max
     if s.sampler == "consistency" and s.schedule in (None, "karras"):
         from .samplers import consistency_sigmas
-        return consistency_sigmas(s.steps, lo, hi, s.rho)
-    return get_sigmas(s.schedule or default_schedule(s.sampler, ck_denoiser.process), s.steps, lo, hi, rho=s.rho,
-                      process=ck_denoiser.process)
+        return consistency_sigmas(s.steps, lo, hi, s.rho), "karras"
+    name = s.schedule or default_schedule(s.sampler, ck_denoiser.process)
+    return get_sigmas(name, s.steps, lo, hi, rho=s.rho, process=ck_denoiser.process), name
 
 
 def student_sigmas(ck: LoadedCheckpoint) -> list[float]:
@@ -187,7 +194,8 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
     from its own generator, so batch size and sharding change nothing."""
     indices = indices if indices is not None else range(s.n)
     info = SAMPLER_INFO[s.sampler]
-    sigmas = sigma_grid(denoiser, s).to(device)
+    sigmas, schedule = labelled_sigma_grid(denoiser, s)
+    sigmas = sigmas.to(device)
     labels = labels_for(s, denoiser.num_classes)
     if labels is None and classifier is not None:  # unconditional model, classifier chooses the classes
         labels = labels_for(s, classifier.num_classes)
@@ -223,7 +231,7 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     record = {
-        "sampler": s.sampler, "schedule": s.schedule or default_schedule(s.sampler, denoiser.process), "steps": len(sigmas) - 1,
+        "sampler": s.sampler, "schedule": schedule, "steps": len(sigmas) - 1,
         "nfe": nfe, "network_evaluations": net_evals, "sigmas": [float(v) for v in sigmas.cpu()],
         "seconds": round(seconds, 3), "options": opts,
         "labels": labels[idx].tolist() if labels is not None else None,

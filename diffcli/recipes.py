@@ -265,6 +265,11 @@ class ConsistencyConfig(_Strict):
     target_ema: Optional[float] = Field(None, ge=0, lt=1, description="μ of the target network; default CD 0.95, "
                                         "CT 0 (stop-gradient, Song & Dhariwal 2024)")
     sample_steps: int = Field(1, ge=1, le=64, description="steps the student samples with by default")
+    level_sampling: Optional[Literal["uniform", "lognormal"]] = Field(
+        None, description="how the grid interval n is drawn; default CD 'uniform' (Song et al. 2023), CT "
+        "'lognormal' (discretised log-normal over σ, Song & Dhariwal 2024)")
+    p_mean: float = Field(-1.1, description="log-normal level sampling: mean of log σ")
+    p_std: float = Field(2.0, gt=0, description="log-normal level sampling: std of log σ")
 
 
 class GuidanceDistillConfig(_Strict):

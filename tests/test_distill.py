@@ -188,6 +188,27 @@ def test_ct_curriculum_doubles_to_the_final_scale():
     assert set(ns) == {11, 21, 41, 81}
 
 
+def test_ct_lognormal_levels_follow_the_log_normal_mass():
+    from diffcli.distill.consistency import karras_levels, level_probabilities
+
+    levels = karras_levels(81, 0.002, 80.0)
+    p = level_probabilities(levels, "lognormal", -1.1, 2.0)
+    assert float(p.sum()) == pytest.approx(1.0) and bool((p >= 0).all())
+    # the mass of log σ ~ N(-1.1, 2²) inside [σ_min, σ_max], split by interval: its mode sits around σ = e^-1.1
+    density = p / (levels[1:].log() - levels[:-1].log())
+    peak = float(levels[int(density.argmax())])
+    assert 0.1 < peak < 1.0
+    # the half of the normal above the mean, measured on the grid, is about half of the (truncated) mass
+    above = float(p[levels[:-1] >= math.exp(-1.1)].sum())
+    assert 0.4 < above < 0.6
+    u = level_probabilities(levels, "uniform")
+    assert torch.allclose(u, torch.full_like(u, 1 / 80))
+    # drawing with torch.multinomial reproduces the probabilities
+    n = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(n, minlength=80).double() / 200_000
+    assert float((freq - p).abs().max()) < 0.005
+
+
 # --- guidance ----------------------------------------------------------------------------------------------------
 def test_guidance_target_at_w1_is_the_conditional_teacher(gm):
     g = torch.Generator().manual_seed(0)
@@ -302,6 +323,7 @@ def test_cli_distill_end_to_end(variant, tiny_ckpt, tmp_path, capsys):
     info = json.loads((sample_out / "sample.json").read_text())
     meta_grid = json.loads(__import__("diffcli.checkpoint", fromlist=["x"]).read_header(student)[1]["student_sigmas"])
     assert info["sigmas"] == pytest.approx(meta_grid) and info["kind"] == "student"
+    assert info["schedule"] == "student"  # the student's own grid, not a named schedule
     assert info["nfe"] == {"progressive": 2, "consistency": 1, "guidance": 3, "reflow": 1}[method]
     if method == "progressive":  # the student's own sampler and steps, spelled out, keep its grid (eval-fid does so)
         from diffcli.checkpoint import load_checkpoint
