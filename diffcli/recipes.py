@@ -297,6 +297,10 @@ class ReflowConfig(_Strict):
     straightness_samples: int = Field(256, ge=2)
     straightness_steps: int = Field(32, ge=2, le=1000, description="DDIM steps (uniform in flow time) of the "
                                     "straightness measurement")
+    distill_steps: int = Field(0, ge=0, le=64, description="k > 0: follow the reflow with k-step distillation "
+                               "on pairs from the reflowed flow (Liu et al. 2023, Sec. 2.3); 0: none")
+    distill_fraction: float = Field(0.5, gt=0, lt=1, description="share of train.max_steps spent on the k-step "
+                                    "distillation when distill_steps > 0")
 
 
 class DistillRecipe(_Strict):

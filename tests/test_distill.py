@@ -3,6 +3,7 @@ condition, the guidance target, reflow pairs and straightness, and the CLI end t
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -280,6 +281,28 @@ def test_reflow_straightens_the_oracle_flow():
         after = straightness(student, z_eval.float(), smax)
     assert after < 0.5 * before, (before, after)
 
+    # k-step distillation after the reflow (Liu et al. 2023, Sec. 2.3): pairs from the reflowed flow itself, the
+    # student trained only at σ_max; its one Euler step lands closer to the flow's own ODE end than the flow's
+    from diffcli.distill.reflow import flow_time_grid
+
+    with torch.no_grad():
+        x_flow = SAMPLERS["heun"](student, z.float() * smax, get_sigmas("karras", 40, 0.002, smax)).float()
+        x_eval = SAMPLERS["heun"](student, z_eval.float() * smax, get_sigmas("karras", 40, 0.002, smax)).float()
+        one_step_flow = SAMPLERS["euler"](student, z_eval.float() * smax, flow_time_grid(1, smax))
+    distilled = copy.deepcopy(student)
+    level = torch.full((128,), smax)
+
+    def loss_k(gen):
+        i = torch.randint(0, 2048, (128,), generator=gen)
+        return distilled.loss(x_flow[i], None, generator=gen, noise=z[i].float(), sigma=level).mean()
+
+    _fit(distilled, loss_k, 300, lr=2e-3)
+    with torch.no_grad():
+        one_step = SAMPLERS["euler"](distilled, z_eval.float() * smax, flow_time_grid(1, smax))
+    err_flow = float((one_step_flow - x_eval).square().mean().sqrt())
+    err_distilled = float((one_step - x_eval).square().mean().sqrt())
+    assert err_distilled < 0.6 * err_flow, (err_flow, err_distilled)
+
 
 # --- the command line ------------------------------------------------------------------------------------------
 def _write(tmp_path, name, text):
@@ -295,6 +318,8 @@ RECIPES = {
     "guidance": 'method = "guidance"\n[guidance]\nsteps = 3\nsampler = "euler"\n',
     "reflow": 'method = "reflow"\n[reflow]\nnum_pairs = 12\npair_steps = 2\npair_sampler = "euler"\n'
               'chunk_size = 8\nstraightness_samples = 4\n',
+    "reflow-distill": 'method = "reflow"\n[reflow]\nnum_pairs = 12\npair_steps = 2\npair_sampler = "euler"\n'
+                      'chunk_size = 8\nstraightness_samples = 4\ndistill_steps = 2\n',
 }
 
 
@@ -311,12 +336,17 @@ def test_cli_distill_end_to_end(variant, tiny_ckpt, tmp_path, capsys):
     assert summary["method"] == method and summary["steps"] == 4
     students = sorted((out / "students").glob("steps_*.safetensors"))
     expected = {"progressive": ["steps_002", "steps_004"], "consistency": ["steps_001"], "guidance": ["steps_003"],
-                "reflow": ["steps_001"]}[method]
+                "reflow": ["steps_001"], "reflow-distill": ["steps_002"]}
+    expected = expected.get(variant, expected[method])
     assert [p.stem for p in students] == expected
     assert (out / "last.safetensors").exists() and (out / "metrics.csv").exists()
     if method == "reflow":
         assert len(list((out / "pairs").glob("chunk_*.safetensors"))) == 2
         assert summary["straightness_teacher"] > 0 and summary["straightness_student"] > 0
+    if variant == "reflow-distill":  # the flow is kept; its own pairs fed the 2-step distillation
+        assert (out / "students" / "flow.safetensors").exists()
+        assert len(list((out / "pairs_flow").glob("chunk_*.safetensors"))) == 2
+        assert summary["distill_steps"] == 2 and summary["reflow_optimizer_steps"] == 2
     student = students[0]
     sample_out = tmp_path / "samples"
     assert cli_main(["sample", str(student), "--n", "4", "--out", str(sample_out), "--device", "cpu"]) == 0
@@ -324,7 +354,8 @@ def test_cli_distill_end_to_end(variant, tiny_ckpt, tmp_path, capsys):
     meta_grid = json.loads(__import__("diffcli.checkpoint", fromlist=["x"]).read_header(student)[1]["student_sigmas"])
     assert info["sigmas"] == pytest.approx(meta_grid) and info["kind"] == "student"
     assert info["schedule"] == "student"  # the student's own grid, not a named schedule
-    assert info["nfe"] == {"progressive": 2, "consistency": 1, "guidance": 3, "reflow": 1}[method]
+    nfe = {"progressive": 2, "consistency": 1, "guidance": 3, "reflow": 1, "reflow-distill": 2}
+    assert info["nfe"] == nfe.get(variant, nfe[method])
     if method == "progressive":  # the student's own sampler and steps, spelled out, keep its grid (eval-fid does so)
         from diffcli.checkpoint import load_checkpoint
         from diffcli.generate import SampleSettings, sigma_grid
@@ -369,6 +400,31 @@ def test_progressive_resume_is_bit_exact_across_a_round(tiny_ckpt, tmp_path):
     a = load_file(str(tmp_path / "straight" / "students" / "steps_002.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "students" / "steps_002.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reflow_distillation_resumes_bit_exact_from_the_phase_boundary(tiny_ckpt, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from diffcli.distill.common import distill
+    from diffcli.recipes import load_distill_recipe
+
+    rec = _write(tmp_path, "rf.toml", RECIPES["reflow-distill"])
+    over = ["train.max_steps=4"] + STEPS
+    quiet = dict(log=lambda *a, **k: None, show_progress=False)
+    distill(load_distill_recipe(rec, over), tiny_ckpt, tmp_path / "straight", **quiet)
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", run)
+    # as if killed right after the reflow phase's last checkpoint: later states, students and a pair chunk gone
+    for p in list((run / "checkpoints").glob("step_0000004*")) + [run / "last.safetensors",
+                                                                   run / "students" / "steps_002.safetensors",
+                                                                   run / "pairs_flow" / "chunk_000008.safetensors"]:
+        p.unlink()
+    distill(load_distill_recipe(rec, over), tiny_ckpt, run, resume=True, **quiet)
+    for name in ("students/steps_002.safetensors", "students/flow.safetensors", "pairs_flow/chunk_000008.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(run / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def _unconditional_teacher(tmp_path, tiny_recipe_path):

@@ -7,7 +7,7 @@ run-folder policy (`prepare_run_folder`), seeded data order (`Batches`), EMA (`e
 signals, metrics.csv, checkpoint retention and per-step seeding (`mix_seed`).
 
 Run folder: recipe.toml (the distillation recipe), checkpoints/, samples/, metrics.csv, students/steps_NNN.safetensors
-(every student produced), last.safetensors (the newest student), distill.json (summary), and pairs/ for reflow.
+(every student produced), last.safetensors (the newest student), distill.json (summary), and pairs/ (pairs_flow/) for reflow.
 
 A student is an ordinary model checkpoint (`kind = "student"`): its embedded recipe is the teacher's with the
 student's parameterization and sampling section, and its metadata carries `student_sampler`, `student_steps`
@@ -38,7 +38,7 @@ from ..runtime import mix_seed, progress, resolve_device
 from ..train import (Batches, _MetricsWriter, _retain, _Signals, _truncate_metrics, ema_beta, latest_state,
                      load_state, lr_at, prepare_run_folder, save_state)
 
-EXTRA_RUN_FILES = ("students", "pairs", "distill.json")
+EXTRA_RUN_FILES = ("students", "pairs", "pairs_flow", "distill.json")
 
 
 # --- students -----------------------------------------------------------------------------------------------

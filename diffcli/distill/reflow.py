@@ -6,7 +6,12 @@
 2. Rectified flow: the straight interpolation between z and x is, in the VE convention, x_σ = x + σ·z (in flow
    time t = σ/(1+σ): x_t = (1-t)·x + t·z). The student is trained with the teacher's own denoising loss, but on
    the coupled noise z of each pair instead of fresh noise — so D(x_σ, σ) learns E[x | x_σ] along straight paths.
-3. Straightness (Liu et al. 2023, eq. 7) of a sampler's trajectories: S = ∫ E|(z - x) - v(x_t, t)|² dt / ∫ dt in
+3. Optional k-step distillation (Liu et al. 2023, Sec. 2.3; `reflow.distill_steps = k`): once the flow is
+   straight, new pairs (z, x') come from the *reflowed* flow's own ODE sampler, and the student is trained only
+   at the k levels of its Euler grid (uniform in flow time) to send x' + σ_j·z to x'. A straight path makes
+   one Euler step exact, so this removes what curvature is left at those k levels. The reflowed flow is kept
+   as students/flow.safetensors, the k-step student as students/steps_00k.safetensors and last.safetensors.
+4. Straightness (Liu et al. 2023, eq. 7) of a sampler's trajectories: S = ∫ E|(z - x) - v(x_t, t)|² dt / ∫ dt in
    flow time, with v = ε̂ - x̂0 = (x_σ - D)/σ - D, measured on a fine DDIM grid uniform in t; 0 means straight, and a
    straight flow is exact in one Euler step.
 """
@@ -96,21 +101,38 @@ class Reflow(Method):
             raise UserError(f"reflow.cfg = {c.cfg}: the teacher {teacher.path} is unconditional")
         if SAMPLER_INFO[c.pair_sampler].stochastic:
             raise UserError(f"reflow.pair_sampler = {c.pair_sampler!r} is stochastic; reflow needs a deterministic one")
+        steps = recipe.train.max_steps
+        # optimizer steps of the reflow phase; the rest (if any) is the k-step distillation phase
+        self.flow_steps = steps if not c.distill_steps else max(1, min(steps - 1, round(steps * (1 - c.distill_fraction))))
         self.before = self.after = None
+        self.phase = 1
+
+    def final_steps(self) -> int:
+        return self.cfg.distill_steps or self.cfg.student_steps
+
+    def _steps(self, steps: int | None) -> int:
+        return steps or (self.final_steps() if self.phase == 2 else self.cfg.student_steps)
 
     def student_recipe(self, steps: int | None = None):
-        return student_recipe(self.teacher.recipe, sampler="euler", steps=steps or self.cfg.student_steps)
+        return student_recipe(self.teacher.recipe, sampler="euler", steps=self._steps(steps))
 
     def student_sampling(self, steps: int | None = None):
-        k = steps or self.cfg.student_steps
+        k = self._steps(steps)
         return "euler", k, [float(s) for s in flow_time_grid(k, self.teacher.denoiser.sigma_max)]
+
+    def finished_students(self) -> dict[int, int]:
+        return {self.total_steps(): self.final_steps()}
+
+    def _pairs(self, eng, denoiser, folder: str, cfg: float):
+        c, t = self.cfg, self.recipe.train
+        return make_pairs(denoiser, eng.channels, eng.resolution, folder=eng.out / folder, n=c.num_pairs,
+                          chunk=c.chunk_size, seed=t.seed, sampler=c.pair_sampler, steps=c.pair_steps, cfg=cfg,
+                          device=eng.dev, log=eng.log)
 
     def prepare(self, eng) -> None:
         c, t = self.cfg, self.recipe.train
         d = self.teacher.denoiser
-        self.z, self.x, self.y = make_pairs(d, eng.channels, eng.resolution, folder=eng.out / "pairs", n=c.num_pairs,
-                                            chunk=c.chunk_size, seed=t.seed, sampler=c.pair_sampler,
-                                            steps=c.pair_steps, cfg=c.cfg, device=eng.dev, log=eng.log)
+        self.z, self.x, self.y = self._pairs(eng, d, "pairs", c.cfg)
         from ..train import BatchOrder
 
         self.order = BatchOrder(c.num_pairs, t.batch_size, t.seed)
@@ -119,6 +141,28 @@ class Reflow(Method):
         if self.before is None:
             self.before = straightness(d, self.eval_z, d.sigma_max, c.straightness_steps, cond=self.eval_y)
             eng.log(f"straightness of the teacher's trajectories: {self.before:.5f}")
+
+    def begin_step(self, eng, step: int) -> None:
+        if self.phase == 2 or not self.cfg.distill_steps or step < self.flow_steps:
+            return
+        # the reflow phase is over (or was, before a resume): keep the flow, pair it with itself, distill
+        c = self.cfg
+        flow_path = eng.out / "students" / "flow.safetensors"
+        if step == self.flow_steps or not flow_path.exists():
+            eng.save_student(flow_path, step, c.student_steps)
+            eng.log(f"step {step}: reflowed flow → students/flow.safetensors; pairing it for {c.distill_steps}-step "
+                    f"distillation")
+        from ..checkpoint import load_checkpoint
+
+        flow = load_checkpoint(flow_path, eng.dev, kinds=("student",)).denoiser.requires_grad_(False).eval()
+        self.after = straightness(flow, self.eval_z, flow.sigma_max, c.straightness_steps, cond=self.eval_y)
+        eng.log(f"straightness: teacher {self.before:.5f} → reflowed flow {self.after:.5f}")
+        # cfg 1: a flow reflowed on guided pairs already samples the guided distribution
+        self.z, self.x, self.y = self._pairs(eng, flow, "pairs_flow", 1.0)
+        if step == self.flow_steps:  # the distilled student starts from the flow (its EMA weights)
+            eng.student.net.load_state_dict(eng.ema.net.state_dict())
+        self.levels = flow_time_grid(c.distill_steps, flow.sigma_max)[:-1].float()
+        self.phase = 2
 
     def batch(self, eng, step: int):
         idx = self.order.indices(step)
@@ -130,11 +174,18 @@ class Reflow(Method):
         if y is not None and t.p_uncond > 0:
             drop = torch.rand(y.shape[0], generator=g).to(y.device) < t.p_uncond
             y = torch.where(drop, torch.full_like(y, self.teacher.denoiser.num_classes), y)
-        return eng.student.loss(x0, y, generator=g, noise=self._z).mean()
+        sigma = None
+        if self.phase == 2:  # only the k levels the student will be sampled at
+            sigma = self.levels[torch.randint(0, len(self.levels), (x0.shape[0],), generator=g)]
+        return eng.student.loss(x0, y, generator=g, noise=self._z, sigma=sigma).mean()
 
     def report(self, eng) -> dict:
-        d = eng.ema
-        self.after = straightness(d, self.eval_z, d.sigma_max, self.cfg.straightness_steps, cond=self.eval_y)
-        eng.log(f"straightness: teacher {self.before:.5f} → reflowed student {self.after:.5f}")
-        return {"straightness_teacher": self.before, "straightness_student": self.after,
-                "pairs": self.cfg.num_pairs}
+        c = self.cfg
+        if self.after is None:  # no distillation phase: the final student is the reflowed flow
+            d = eng.ema
+            self.after = straightness(d, self.eval_z, d.sigma_max, c.straightness_steps, cond=self.eval_y)
+            eng.log(f"straightness: teacher {self.before:.5f} → reflowed student {self.after:.5f}")
+        out = {"straightness_teacher": self.before, "straightness_student": self.after, "pairs": c.num_pairs}
+        if c.distill_steps:
+            out.update(distill_steps=c.distill_steps, reflow_optimizer_steps=self.flow_steps)
+        return out
