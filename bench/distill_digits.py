@@ -9,7 +9,8 @@ finishes in minutes); --full runs the shipped recipes as they are. Teacher rows 
 for the same teacher hash and n are reused (they are deterministic: image i depends only on (seed, i)).
 
 Teacher at NFE 1/2/4/8/50 with its best of ddim / dpmpp_2m (heun for 50); progressive students at 8/4/2/1 steps;
-consistency (CD) at 1/2 steps; reflow at 1 step; guidance-distilled student vs the teacher's CFG at the same w.
+consistency (CD) at 1/2 steps; reflow at 1 step (the flow, and the
+distilled student when the recipe has reflow.distill_steps); guidance-distilled student vs the teacher's CFG at the same w.
 Results: OUT/results.json and a markdown table on stdout (pasted into docs/BENCHMARKS.md).
 """
 
@@ -132,7 +133,13 @@ def main() -> None:
             row("consistency (CD) 1-step", evaluate(p, ref, args.n, student=True))
             row("consistency (CD) 2-step", evaluate(p, ref, args.n, sampler="consistency", steps=2))
         elif method == "reflow":
-            row("reflow 1-step", evaluate(run / "last.safetensors", ref, args.n, student=True))
+            flow = run / "students" / "flow.safetensors"
+            if flow.exists():  # reflow followed by k-step distillation: score the flow and the distilled student
+                row("reflow flow 1-step", evaluate(flow, ref, args.n, sampler="euler", steps=1))
+                row(f"reflow + distill {rec.reflow.distill_steps}-step",
+                    evaluate(run / "last.safetensors", ref, args.n, student=True))
+            else:
+                row("reflow 1-step", evaluate(run / "last.safetensors", ref, args.n, student=True))
         elif method == "guidance":
             sm, k = rec.guidance.sampler, rec.guidance.steps
             teacher_row(f"teacher CFG w={args.cfg} ({sm} {k})", lambda: evaluate(
