@@ -1,20 +1,43 @@
 """RMS error of each sampler's final sample against a tight reference solve, on a hard Gaussian-mixture oracle.
 
-    .venv/bin/python bench/samplers_accuracy.py [--draws 128] [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/samplers_accuracy.py [--draws 128] [--no-diffusers]
 
 Oracle: D = 64 (1×8×8), 32 components, component std 0.02 (narrow), means in [-0.6, 0.6]^64, σ ∈ [0.002, 80].
-Every sampler starts from the same noise; the reference is diffcli's rk45 at rtol = atol = 1e-9 with float64
-denoiser calls. Peers (bench extra only): k-diffusion's euler, heun, lms, dpmpp_2m on its Karras and exponential
-schedules. diffcli: every deterministic sampler on its default schedule, plus grids tuned by
+Every sampler starts from the same noise draws ε (seed 0); the reference is diffcli's rk45 at rtol = atol = 1e-9
+with float64 denoiser calls, from x = 80·ε down to σ = 0.002, then a final denoise. Every row counts its true
+NFE with a wrapper around the oracle.
+
+Peers (bench extras only):
+- k-diffusion's euler, heun, lms, dpmpp_2m on its Karras and exponential schedules;
+- diffusers' DDIM, Euler, Heun, LMS, DEIS, UniPC, DPM-Solver++ 2M/3M (discrete-VP schedulers) and the EDM-native
+  EDMEuler / EDMDPMSolverMultistep, each swept over its spacing/σ options (see DIFFUSERS below); per scheduler and
+  NFE the best configuration is reported, and every configuration tried is kept in the JSON.
+  The discrete VP schedulers get a 1000-step training schedule passed as `trained_betas`, chosen so that
+  σ_t = sqrt((1-ᾱ_t)/ᾱ_t) is geometric from σ_0 = 0.002 to σ_999 = 80: the table covers exactly the oracle's σ
+  range, log σ is linear in t so diffusers' log-σ interpolation (`_sigma_to_t`) is exact, and "linspace" spacing
+  on it is uniform in log-SNR. The oracle is wrapped as the network a user would have trained on that table:
+  it sees (scaled input, timestep), maps t → σ through the scheduler's own ᾱ table (interpolating log σ for
+  fractional t), x = x_vp·sqrt(1+σ²), and returns ε = (x - D)/σ or D ("sample"), as configured. EDM schedulers:
+  c_in, c_noise = log(σ)/4, output F = (D - c_skip·x)/c_out.
+  Initial state: the same ε, as the probability-flow ODE state at the scheduler's first σ (x = σ·ε in VE units,
+  x_vp = σ·ε/sqrt(1+σ²)) — the exact start of the reference solve when that σ is 80. (Starting from
+  ε·init_noise_sigma instead scales the start by sqrt(1+σ⁻²), ≤ 1.00008 at σ = 80.) States stay in float32 as in
+  a diffusers pipeline.
+
+diffcli: every deterministic sampler on its default schedule and on logsnr, plus grids tuned by
 `diffcli.samplers.tune_schedule` on *different* noise draws (seed 1) than the evaluation draws (seed 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import time
+import warnings
 
+import numpy as np
 import torch
 
 from diffcli.oracle import GaussianMixtureDenoiser
@@ -22,18 +45,211 @@ from diffcli.samplers import SAMPLER_INFO, NFECounter, exact_denoiser_calls, get
 
 SMIN, SMAX = 0.002, 80.0
 NFES = (5, 10, 20, 50)
+T_TRAIN = 1000
+
+
+# --- diffusers ----------------------------------------------------------------------------------------------
+def vp_betas(smin: float = SMIN, smax: float = SMAX, T: int = T_TRAIN) -> np.ndarray:
+    """β_t (t = 0…T-1) of a discrete VP process with σ_t geometric from smin to smax (module docstring)."""
+    t = np.arange(T, dtype=np.float64)
+    abar = 1.0 / (1.0 + (smin * (smax / smin) ** (t / (T - 1))) ** 2)
+    return 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
+
+
+_SPACING = [{"timestep_spacing": s} for s in ("leading", "trailing", "linspace")]
+_SIGMAS = [{"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, {"use_beta_sigmas": True}]
+_PRED = [{"prediction_type": "epsilon"}, {"prediction_type": "sample"}]
+
+
+def _grid(*axes) -> list[dict]:
+    return [dict(itertools.chain.from_iterable(d.items() for d in combo)) for combo in itertools.product(*axes)]
+
+
+def _axis(key, values) -> list[dict]:
+    return [{key: v} for v in values]
+
+
+# scheduler label → (class name, kind, option grid). kind: "vp" (sample is x_vp, model sees x_vp), "ve" (sample is
+# VE x, scale_model_input gives x_vp), "edm" (EDM preconditioning). Spacing matters only on the default σ's of the
+# table, so the alternative σ families are crossed with "linspace" only (diffusers derives them from the whole
+# table, except Euler/Heun/LMS, which take the range of the spaced grid — there all spacings are crossed).
+_VP_SIG = _SPACING + [dict(timestep_spacing="linspace", **s) for s in _SIGMAS]
+_VE_SIG = _SPACING + _grid(_SPACING, _SIGMAS)
+DIFFUSERS = {
+    "DDIM": ("DDIMScheduler", "vp", _grid(_SPACING, _axis("set_alpha_to_one", [True, False]), _PRED,
+                                          [{"clip_sample": False}])),
+    "Euler": ("EulerDiscreteScheduler", "ve", _grid(_VE_SIG, _axis("final_sigmas_type", ["zero", "sigma_min"]))),
+    "Heun": ("HeunDiscreteScheduler", "ve", _VE_SIG),
+    "LMS": ("LMSDiscreteScheduler", "ve", _VE_SIG),
+    "DEIS": ("DEISMultistepScheduler", "vp", _grid(_VP_SIG, _axis("solver_order", [2, 3]),
+                                                   _axis("lower_order_final", [True, False]), _PRED)),
+    "UniPC": ("UniPCMultistepScheduler", "vp", _grid(_VP_SIG, _axis("solver_order", [2, 3]),
+                                                     _axis("solver_type", ["bh1", "bh2"]),
+                                                     _axis("lower_order_final", [True, False]),
+                                                     _axis("final_sigmas_type", ["zero", "sigma_min"]), _PRED)),
+    **{f"DPM-Solver++ {o}M": ("DPMSolverMultistepScheduler", "vp",
+                              _grid(_VP_SIG + [{"timestep_spacing": "linspace", "use_lu_lambdas": True}],
+                                    [{"solver_order": o}], _axis("solver_type", ["midpoint", "heun"]),
+                                    _axis("lower_order_final", [True, False]), _axis("euler_at_final", [False, True]),
+                                    _axis("final_sigmas_type", ["zero", "sigma_min"]), _PRED))
+       for o in (2, 3)},
+    "EDMEuler": ("EDMEulerScheduler", "edm", _grid(_axis("sigma_schedule", ["karras", "exponential"]),
+                                                   _axis("final_sigmas_type", ["zero", "sigma_min"]))),
+    **{f"EDM DPM-Solver++ {o}M": ("EDMDPMSolverMultistepScheduler", "edm",
+                                  _grid(_axis("sigma_schedule", ["karras", "exponential"]), [{"solver_order": o}],
+                                        _axis("solver_type", ["midpoint", "heun"]),
+                                        _axis("lower_order_final", [True, False]),
+                                        _axis("euler_at_final", [False, True]),
+                                        _axis("final_sigmas_type", ["zero", "sigma_min"])))
+       for o in (2, 3)},
+}
+
+
+class _DiffusersNet:
+    """The oracle as the network a diffusers user would call: model(scaled_input, t) → ε, x0 or EDM's F."""
+
+    def __init__(self, gm, sched, kind: str, prediction: str) -> None:
+        self.gm, self.kind, self.prediction, self.nfe = gm, kind, prediction, 0
+        if kind != "edm":
+            abar = sched.alphas_cumprod.to(torch.float64)
+            self.log_sigma = ((1 - abar) / abar).sqrt().log().numpy()
+        else:
+            self.sigma_data = float(sched.config.sigma_data)
+
+    def sigma_of(self, t) -> float:
+        t = float(t)
+        if self.kind == "edm":
+            return math.exp(4.0 * t)  # c_noise = log(σ)/4
+        return math.exp(float(np.interp(t, np.arange(len(self.log_sigma)), self.log_sigma)))
+
+    def __call__(self, inp: torch.Tensor, t) -> torch.Tensor:
+        self.nfe += 1
+        s = self.sigma_of(t)
+        inp = inp.to(torch.float64)
+        if self.kind == "edm":
+            sd = self.sigma_data
+            x = inp * math.sqrt(s**2 + sd**2)
+            d = self.gm(x.float(), torch.full((len(x),), s)).to(torch.float64)
+            out = (d - sd**2 / (s**2 + sd**2) * x) / (s * sd / math.sqrt(s**2 + sd**2))
+        else:
+            x = inp * math.sqrt(1 + s**2)
+            d = self.gm(x.float(), torch.full((len(x),), s)).to(torch.float64)
+            out = d if self.prediction == "sample" else (x - d) / s
+        return out.float()
+
+
+def _make(cls, kind: str, opts: dict):
+    if kind == "edm":
+        return cls(sigma_min=SMIN, sigma_max=SMAX, **opts)
+    return cls(num_train_timesteps=T_TRAIN, trained_betas=vp_betas(), **opts)
+
+
+def _steps_for(cls, kind, opts, budget: int) -> tuple[int, int]:
+    """Most inference steps whose number of model calls (= len(timesteps)) fits the budget."""
+    for n in range(budget, 0, -1):
+        s = _make(cls, kind, opts)
+        s.set_timesteps(n)
+        if len(s.timesteps) <= budget:
+            return n, len(s.timesteps)
+    return 0, 0
+
+
+def _first_last_sigma(s, net, kind: str) -> tuple[float, float]:
+    if hasattr(s, "sigmas") and s.sigmas is not None and len(s.sigmas) > 0:
+        return float(s.sigmas[0]), float(s.sigmas[-1])
+    a_end = float(s.final_alpha_cumprod)  # DDIM
+    return net.sigma_of(s.timesteps[0]), math.sqrt((1 - a_end) / a_end)
+
+
+def run_diffusers(cls, kind: str, opts: dict, gm, eps: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
+    """Sample with a diffusers scheduler from the noise draws eps; returns (final x0 in VE units, true NFE)."""
+    s = _make(cls, kind, opts)
+    s.set_timesteps(steps)
+    net = _DiffusersNet(gm, s, kind, opts.get("prediction_type", "epsilon"))
+    s_first, s_last = _first_last_sigma(s, net, kind)
+    x = eps.float() * s_first
+    if kind == "vp":
+        x = x / math.sqrt(1 + s_first**2)
+    for t in s.timesteps:
+        out = net(s.scale_model_input(x, t), t)
+        x = s.step(out, t, x).prev_sample
+    x = x.to(torch.float64)
+    if kind == "vp":
+        x = x * math.sqrt(1 + s_last**2)
+    return x, net.nfe
+
+
+def _label(opts: dict) -> str:
+    short = {"timestep_spacing": "", "use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential",
+             "use_beta_sigmas": "beta", "use_lu_lambdas": "lu_lambdas", "prediction_type": "pred=",
+             "set_alpha_to_one": "alpha_to_one=", "final_sigmas_type": "final=", "solver_type": "",
+             "lower_order_final": "lower_order_final=", "euler_at_final": "euler_at_final=",
+             "sigma_schedule": "", "solver_order": "order="}
+    parts = []
+    for k, v in opts.items():
+        if k == "clip_sample" or (isinstance(v, bool) and k.startswith("use_")):
+            if v is True:
+                parts.append(short[k])
+            continue
+        parts.append(f"{short.get(k, k + '=')}{v}")
+    return ",".join(parts)
+
+
+def diffusers_peers(gm, eps, rms, record, sweep: list) -> None:
+    import diffusers
+
+    for label, (clsname, kind, grid) in DIFFUSERS.items():
+        cls = getattr(diffusers, clsname, None)
+        if cls is None:
+            print(f"diffusers {diffusers.__version__} has no {clsname}; skipped")
+            continue
+        for nfe in NFES:
+            best, seen = None, set()
+            for opts in grid:
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        n, _ = _steps_for(cls, kind, opts, nfe)
+                        if n == 0:
+                            continue
+                        probe = _make(cls, kind, opts)
+                        probe.set_timesteps(n)
+                        key = (tuple(np.asarray(probe.timesteps, dtype=np.float64).round(6)),
+                               tuple(np.asarray(getattr(probe, "sigmas", []), dtype=np.float64).round(9)),
+                               tuple(sorted((k, v) for k, v in opts.items() if k not in (
+                                   "timestep_spacing", "use_karras_sigmas", "use_exponential_sigmas",
+                                   "use_beta_sigmas", "use_lu_lambdas"))))
+                        if key in seen:  # same grid and solver as a configuration already run
+                            continue
+                        seen.add(key)
+                        out, true_nfe = run_diffusers(cls, kind, opts, gm, eps, n)
+                    e = rms(out)
+                except Exception as exc:  # an option combination diffusers refuses
+                    sweep.append({"scheduler": label, "nfe_budget": nfe, "config": _label(opts),
+                                  "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+                    continue
+                if not math.isfinite(e):
+                    e = float("inf")
+                sweep.append({"scheduler": label, "nfe_budget": nfe, "config": _label(opts), "steps": n,
+                              "nfe": true_nfe, "rms": e})
+                if best is None or e < best[0]:
+                    best = (e, out, true_nfe, opts)
+            if best is not None:
+                record("diffusers", label, _label(best[3]), nfe, best[1], best[2])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--draws", type=int, default=128)
     ap.add_argument("--tune-evals", type=int, default=200)
+    ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--out", default="bench/samplers_accuracy.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     gm = GaussianMixtureDenoiser.random(k=32, shape=(1, 8, 8), std=0.02, seed=0)
     shape = (1, 8, 8)
-    x = torch.randn(args.draws, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * SMAX
+    eps = torch.randn(args.draws, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = eps * SMAX
     t0 = time.time()
     with exact_denoiser_calls():
         ref = sample_rk45(gm, x, get_sigmas("karras", 2, SMIN, SMAX), rtol=1e-9, atol=1e-9)
@@ -42,12 +258,12 @@ def main() -> None:
     def rms(out) -> float:
         return float((out.double() - ref).pow(2).mean().sqrt())
 
-    rows = []
+    rows: list[dict] = []
 
     def record(family, name, schedule, nfe, out, true_nfe):
         rows.append({"family": family, "sampler": name, "schedule": schedule, "nfe_budget": nfe,
                      "nfe": true_nfe, "rms": rms(out)})
-        print(f"{family:9s} {name:16s} {schedule:12s} NFE {nfe:3d} ({true_nfe:3d})  RMS {rows[-1]['rms']:.4e}",
+        print(f"{family:9s} {name:20s} {schedule:40s} NFE {nfe:3d} ({true_nfe:3d})  RMS {rows[-1]['rms']:.4e}",
               flush=True)
 
     # --- k-diffusion ----------------------------------------------------------------------------------------
@@ -77,16 +293,24 @@ def main() -> None:
                 out = getattr(K, f"sample_{name}")(kmodel(c), x.float(), sig, disable=True)
                 record("k-diff", name, sched, nfe, out, c[0])
 
+    # --- diffusers --------------------------------------------------------------------------------------------
+    sweep: list[dict] = []
+    if not args.no_diffusers:
+        t0 = time.time()
+        diffusers_peers(gm, eps, rms, record, sweep)
+        print(f"diffusers sweep: {len(sweep)} runs in {time.time() - t0:.0f} s")
+
     # --- diffcli ----------------------------------------------------------------------------------------------
     for name, info in SAMPLER_INFO.items():
         if info.stochastic or info.adaptive:
             continue
-        for sched in (info.default_schedule if info.default_schedule != "uniform" else "karras", "logsnr"):
+        default = info.default_schedule if info.default_schedule != "uniform" else "karras"
+        for sched in dict.fromkeys((default, "logsnr", "karras")):
             for nfe in NFES:
                 n = info.steps_for_nfe(nfe)
                 c = NFECounter(gm)
                 out = info.fn(c, x, get_sigmas(sched, n, SMIN, SMAX))
-                record("diffcli", name, sched, nfe, out, c.nfe)
+                record("diffcli", name, sched + (" (default)" if sched == default else ""), nfe, out, c.nfe)
     for name in ("dpmpp_2m", "unipc", "ipndm"):
         for nfe in (5, 10):
             info = SAMPLER_INFO[name]
@@ -96,8 +320,9 @@ def main() -> None:
             c = NFECounter(gm)
             out = info.fn(c, x, sig)
             record("diffcli", name, "tuned", nfe, out, c.nfe)
+    options_tried = {label: sorted({_label(o) for o in grid}) for label, (_, _, grid) in DIFFUSERS.items()}
     with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump({"rows": rows, "diffusers_options_tried": options_tried, "diffusers_sweep": sweep}, f, indent=0)
 
 
 if __name__ == "__main__":

@@ -326,13 +326,37 @@ def _unipc_rb(rks: list[float], h: float, order: int, variant: str) -> tuple[Ten
     return torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), h_phi_1, b_h
 
 
+# Real stability intervals (-I_p, 0) of the p-step Adams–Bashforth methods (Hairer & Wanner, "Solving ODEs II",
+# Sec. V.1): each order up costs about half the stable step size. UniPC's predictor is an Adams–Bashforth-type
+# extrapolation of D in λ, so its usable order at a given step h shrinks in the same proportion.
+_AB_STABILITY = {1: 2.0, 2: 1.0, 3: 6 / 11, 4: 0.3, 5: 0.163}
+# h_p = _UNIPC_H_SCALE · I_p is the largest log-SNR step run at order p: p = 3 up to h ≈ 1.45, 4 up to 0.80, 5 up to
+# 0.43. The scale is calibrated on the Gaussian-mixture oracle (bench/samplers_accuracy.py); the ratios are I_p's.
+_UNIPC_H_SCALE = 2.67
+
+
+def unipc_order_for_step(h: float, max_order: int) -> int:
+    """The highest order ≤ max_order whose stability-scaled step limit h_p admits a step of h = log(σ/σ')."""
+    p = max_order
+    while p > 1 and h > _UNIPC_H_SCALE * _AB_STABILITY[p]:
+        p -= 1
+    return p
+
+
 @torch.no_grad()
-def sample_unipc(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, order: int = 3,
-                 variant: str = "bh2", final_correction: bool = True) -> Tensor:
+def sample_unipc(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, order: int = 5,
+                 variant: str = "bh2", final_correction: bool = True, adaptive_order: bool = True) -> Tensor:
     """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework", Algorithms 2–3): the
     multistep predictor UniP-p and the corrector UniC, which reuses the denoiser call made at the new point
     anyway, so the order rises by one at no extra cost. Data prediction, B(h) = expm1(-h) ("bh2") or -h
     ("bh1"); orders warm up from 1. One denoiser call per step; deterministic; runs on increasing grids.
+
+    `order` is the highest order of the predictor (the corrector adds one). With `adaptive_order` each step runs
+    at the highest order its size allows, `unipc_order_for_step(h, order)`: a multistep extrapolation of high
+    order is accurate only on steps inside its stability region, which shrinks by about half per order (the
+    Adams–Bashforth intervals). So few large steps run at order 2–3 (stable), many small ones at 4–5 (accurate);
+    on a uniform log-SNR grid this makes the order a function of the NFE, as DPM-Solver's fast mode picks its
+    orders from the NFE (Lu et al. 2022, Sec. 3.4).
 
     The final step to σ = 0 returns D at the *predicted* last point (the corrected one has no denoiser call);
     `final_correction` carries the corrector's last update through it, D(x_c) ≈ D(x_p) + (x_c - x_p), which
@@ -367,7 +391,7 @@ def sample_unipc(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callbac
         lams.append(-math.log(s))
         ms, lams = ms[-order:], lams[-order:]
         h = math.log(s / s_next)
-        p = len(ms)
+        p = min(len(ms), unipc_order_for_step(abs(h), order) if adaptive_order else order)
         rks = [(lams[-1 - k] - lams[-1]) / h for k in range(1, p)] + [1.0]
         d1s = [(ms[-1 - k] - ms[-1]) / rks[k - 1] for k in range(1, p)]
         R, b, h_phi_1, b_h = _unipc_rb(rks, h, p, variant)
@@ -614,8 +638,8 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         SamplerInfo("dpmpp_2m_sde", sample_dpmpp_2m_sde, 2, True, "karras",
                     "DPM-Solver++(2M) SDE, noise fraction η (Lu et al. 2022)", _per_step,
                     options={"eta": (0.0, 1.0), "s_noise": (0.0, 2.0)}),
-        SamplerInfo("unipc", sample_unipc, 3, False, "logsnr", "UniPC predictor-corrector, bh2 (Zhao et al. 2023)",
-                    _per_step, options={"order": (1, 3)}, invertible=True),
+        SamplerInfo("unipc", sample_unipc, 3, False, "logsnr", "UniPC predictor-corrector, bh2, order 2-5 by step "
+                    "size (Zhao et al. 2023)", _per_step, options={"order": (1, 5)}, invertible=True),
         SamplerInfo("ipndm", sample_ipndm, 4, False, "karras", "improved PNDM, variable-step Adams-Bashforth "
                     "(Zhang & Chen 2023)", _per_step, options={"max_order": (1, 4)}, invertible=True),
         SamplerInfo("pc", sample_pc, 1, True, "karras", "predictor-corrector, Langevin corrector with SNR rule "
