@@ -242,6 +242,9 @@ class ProgressiveConfig(_Strict):
     target_steps: int = Field(1, ge=1, description="steps of the last student; teacher_steps / 2^k")
     schedule: Literal["karras", "logsnr", "uniform", "linear"] = "karras"
     parameterization: Literal["teacher", "x0", "v"] = "teacher"
+    w_min: Optional[float] = Field(None, ge=0, description="guidance-distilled teacher (Meng et al. 2023, stage "
+                                   "two): lowest CFG scale w drawn; default the teacher's own range")
+    w_max: Optional[float] = Field(None, ge=0, description="guidance-distilled teacher: highest w drawn")
 
     @model_validator(mode="after")
     def _halving(self) -> "ProgressiveConfig":
@@ -250,6 +253,8 @@ class ProgressiveConfig(_Strict):
         if k >= n or ratio < 2 or ratio & (ratio - 1):
             raise ValueError(f"target_steps = {k} is not reachable from teacher_steps = {n} by halving "
                              f"(need teacher_steps = target_steps · 2^k, k ≥ 1)")
+        if self.w_min is not None and self.w_max is not None and self.w_min > self.w_max:
+            raise ValueError(f"w_min = {self.w_min} must not exceed w_max = {self.w_max}")
         return self
 
 

@@ -427,6 +427,43 @@ def test_reflow_distillation_resumes_bit_exact_from_the_phase_boundary(tiny_ckpt
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_progressive_stage_two_on_a_guidance_distilled_teacher(tiny_ckpt, tmp_path):
+    """Meng et al. 2023, stage two: progressive distillation of a w-conditioned student keeps the w input, and
+    the few-step student samples at any --cfg w with one forward per step."""
+    from diffcli.checkpoint import load_checkpoint
+    from diffcli.distill.common import distill
+    from diffcli.distill.progressive import progressive_target
+    from diffcli.recipes import load_distill_recipe
+
+    quiet = dict(log=lambda *a, **k: None, show_progress=False)
+    g_rec = _write(tmp_path, "g.toml", RECIPES["guidance"] + "w_min = 1.5\nw_max = 3.0\n")
+    distill(load_distill_recipe(g_rec, ["train.max_steps=2"] + STEPS), tiny_ckpt, tmp_path / "g", **quiet)
+    guided = tmp_path / "g" / "last.safetensors"
+    p_rec = _write(tmp_path, "p.toml", RECIPES["progressive"])
+    summary = distill(load_distill_recipe(p_rec, ["train.max_steps=4"] + STEPS), guided, tmp_path / "p", **quiet)
+    assert summary["w_range"] == [1.5, 3.0]
+    student = load_checkpoint(tmp_path / "p" / "last.safetensors")
+    assert student.denoiser.guidance_input
+    # w reaches the teacher: the target at w = 3 differs from the one at w = 1.5
+    t = load_checkpoint(guided).denoiser
+    with torch.no_grad():  # make the (zero-initialised) w embedding matter
+        for p in t.net.map_guidance.parameters():
+            p.add_(0.1)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    s = torch.tensor([2.0, 2.0])
+    targets = [progressive_target(lambda a, b, c=None: t(a, b, c, guidance=torch.full((2,), w)), x, s, s / 2,
+                                  s / 4, torch.tensor([1, 2])) for w in (1.5, 3.0)]
+    assert not torch.allclose(*targets)
+    out = tmp_path / "samples"
+    assert cli_main(["sample", str(tmp_path / "p" / "last.safetensors"), "--n", "2", "--cfg", "2.5", "--out",
+                     str(out), "--device", "cpu"]) == 0
+    info = json.loads((out / "sample.json").read_text())
+    assert info["network_evaluations"] == info["nfe"] == 2
+    with pytest.raises(UserError, match="takes no guidance scale"):
+        distill(load_distill_recipe(p_rec, ["train.max_steps=4", "progressive.w_min=1"] + STEPS), tiny_ckpt,
+                tmp_path / "bad", **quiet)
+
+
 def _unconditional_teacher(tmp_path, tiny_recipe_path):
     from diffcli.checkpoint import build_denoiser, save_denoiser
     from diffcli.recipes import load_recipe
@@ -447,7 +484,7 @@ def test_cli_distill_bad_input_exits_2(tiny_run, tiny_ckpt, tiny_recipe_path, tm
 
     state = next((tiny_run / "checkpoints").glob("*.state.safetensors"))
     cases = [
-        (RECIPES["consistency"], state, "a denoiser is needed"),
+        (RECIPES["consistency"], state, "a denoiser or student is needed"),
         (RECIPES["guidance"], _unconditional_teacher(tmp_path, tiny_recipe_path), "class-conditional teacher"),
         ('method = "progressive"\n[progressive]\nteacher_steps = 12\ntarget_steps = 1\n', tiny_ckpt, "not reachable"),
         ('method = "progressive"\n[consistency]\nnum_scales = 6\n', tiny_ckpt, "keys of method 'consistency'"),

@@ -70,8 +70,9 @@ def init_student(recipe: Recipe, teacher: LoadedCheckpoint, device: torch.device
 
 
 def load_teacher(path: str | Path, device: torch.device) -> LoadedCheckpoint:
-    """A denoiser checkpoint (a classifier, train state or foreign file is bad input, exit 2)."""
-    ck = load_checkpoint(path, device, kinds=("denoiser",))
+    """A denoiser checkpoint, or a distilled student (stage two of guidance distillation, a second reflow…);
+    a classifier, train state or foreign file is bad input (exit 2)."""
+    ck = load_checkpoint(path, device, kinds=("denoiser", "student"))
     ck.denoiser.requires_grad_(False).eval()
     return ck
 

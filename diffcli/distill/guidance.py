@@ -5,8 +5,9 @@ A class-conditional teacher trained with label dropout gives the classifier-free
 at the cost of two forwards. The student takes w as an input (a zero-initialised embedding added to the noise
 embedding, diffcli.nets.unet `guidance_embedding`) and regresses D_student(x, σ, y, w) on D_w over
 w ~ U[w_min, w_max], with x = x0 + σ·ε on data and σ drawn as the teacher was trained, weighted as the teacher's
-loss. `diffcli sample STUDENT --cfg w` then costs one forward per step. (Stage two of the paper — progressive
-distillation of the guided student — is `method = "progressive"` run on this student's output in a later version.)
+loss. `diffcli sample STUDENT --cfg w` then costs one forward per step. Stage two of the paper — progressive
+distillation of the guided student to a few steps — is `method = "progressive"` with this student as the teacher
+(diffcli.distill.progressive keeps the w input).
 """
 
 from __future__ import annotations

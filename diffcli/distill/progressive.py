@@ -11,10 +11,16 @@ and the student regresses D_student(x, σ) on x̃ with the "truncated SNR" weigh
 (the paper's x-space weighting, Sec. 4). The student then becomes the teacher of the next round, halving N
 until the recipe's target. ε-prediction is refused: at σ ≫ 1 (x ≈ σ·ε) predicting x0 = x - σ·ε̂ multiplies
 the network's error by σ, which is why the paper switches to x0 / v (Sec. 4).
+
+Stage two of guidance distillation (Meng et al. 2023, Sec. 3.2): when the teacher is a guidance-distilled
+student (it takes the CFG scale w as an input), every batch draws w ~ U[w_min, w_max], teacher and student
+both get it, and the few-step students keep the w input — `diffcli sample STUDENT --cfg w` then costs one
+forward per step at any w in the range.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -38,9 +44,13 @@ def progressive_target(teacher, x: Tensor, sigma: Tensor, sigma_mid: Tensor, sig
 
 
 def progressive_loss(student, teacher, x0: Tensor, cond: Tensor | None, teacher_grid: Tensor,
-                     generator: torch.Generator) -> Tensor:
+                     generator: torch.Generator, guidance: Tensor | None = None) -> Tensor:
     """Mean weighted loss of one batch: x0 (B, C, H, W) data, `teacher_grid` (2K+1,) the teacher's DDIM grid
-    (decreasing, ending with 0); the student's grid is teacher_grid[::2]."""
+    (decreasing, ending with 0); the student's grid is teacher_grid[::2]. `guidance` (B,): the CFG scale w
+    both networks take (guidance-distilled teacher), or None."""
+    if guidance is not None:
+        student = _with_guidance(student, guidance)
+        teacher = _with_guidance(teacher, guidance)
     b, k = x0.shape[0], (len(teacher_grid) - 1) // 2
     i = torch.randint(0, k, (b,), generator=generator)
     grid = teacher_grid.to(torch.float32)
@@ -54,6 +64,20 @@ def progressive_loss(student, teacher, x0: Tensor, cond: Tensor | None, teacher_
     return (w * (pred - target).square().flatten(1).mean(1)).mean()
 
 
+def _with_guidance(denoiser, w: Tensor):
+    """denoiser(x, σ, cond) with the CFG-scale input w (B,) bound."""
+    return lambda x, sigma, cond=None: denoiser(x, sigma, cond, guidance=w)
+
+
+def teacher_w_range(teacher) -> tuple[float, float]:
+    """The w range a guidance-distilled teacher was trained for (its distill recipe), else Meng et al.'s [1, 4]."""
+    try:
+        g = json.loads(teacher.meta.get("distill_recipe", "{}")).get("guidance") or {}
+        return float(g["w_min"]), float(g["w_max"])
+    except (KeyError, TypeError, ValueError):
+        return 1.0, 4.0
+
+
 class Progressive(Method):
     name = "progressive"
 
@@ -65,6 +89,14 @@ class Progressive(Method):
             raise UserError("progressive.parameterization = 'teacher': the teacher predicts ε, which breaks at high "
                             "noise (x0 = x - σ·ε̂ amplifies errors by σ); set progressive.parameterization = 'x0' or 'v'")
         self.param = param
+        self.guided = bool(teacher.denoiser.guidance_input)
+        if not self.guided and (c.w_min is not None or c.w_max is not None):
+            raise UserError(f"progressive.w_min/w_max: {teacher.path} takes no guidance scale (it is not a "
+                            f"guidance-distilled student); remove them or distill with method = 'guidance' first")
+        lo, hi = teacher_w_range(teacher)
+        self.w_range = (c.w_min if c.w_min is not None else lo, c.w_max if c.w_max is not None else hi)
+        if self.guided and self.w_range[0] > self.w_range[1]:
+            raise UserError(f"progressive.w_min/w_max: the range {self.w_range} is empty")
         self.rounds = int(math.log2(c.teacher_steps // c.target_steps))
         self.per_round = math.ceil(recipe.train.max_steps / self.rounds)
         d = teacher.denoiser
@@ -85,7 +117,9 @@ class Progressive(Method):
 
     def student_recipe(self, steps: int | None = None):
         steps = steps or self.steps_after(max(self.round, 0))
-        return student_recipe(self.teacher.recipe, sampler="ddim", steps=steps, parameterization=self.param)
+        return student_recipe(self.teacher.recipe, sampler="ddim", steps=steps, parameterization=self.param,
+                              guidance_embedding=self.guided,
+                              cfg=self.teacher.recipe.sample.cfg if self.guided else None)
 
     def student_sampling(self, steps: int | None = None):
         if steps is None:  # the student being trained now
@@ -117,8 +151,15 @@ class Progressive(Method):
             drop = torch.rand(y.shape[0], generator=g).to(y.device) < t.p_uncond
             y = torch.where(drop, torch.full_like(y, self.teacher.denoiser.num_classes), y)
         stride = 1 << self.round
-        return progressive_loss(eng.student, self.round_teacher, x0, y, self.base[::stride], g)
+        w = None
+        if self.guided:
+            lo, hi = self.w_range
+            w = (lo + (hi - lo) * torch.rand(x0.shape[0], generator=g)).to(x0.device)
+        return progressive_loss(eng.student, self.round_teacher, x0, y, self.base[::stride], g, guidance=w)
 
     def report(self, eng) -> dict:
-        return {"rounds": self.rounds, "steps_per_round": self.per_round,
-                "student_steps": [self.steps_after(r) for r in range(self.rounds)]}
+        out = {"rounds": self.rounds, "steps_per_round": self.per_round,
+               "student_steps": [self.steps_after(r) for r in range(self.rounds)]}
+        if self.guided:
+            out["w_range"] = list(self.w_range)
+        return out
