@@ -388,7 +388,8 @@ def eval_fid(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: recipe]."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Sigma schedule [default: the sampler's]."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
-    n: Optional[int] = typer.Option(None, "--n", help="Images to generate (checkpoint: 10000) or to read (folder: all)."),
+    n: Optional[int] = typer.Option(None, "--n", "-n", help="Images to generate (checkpoint: 10000) or to read "
+                                    "(folder: all)."),
     seed: int = typer.Option(0, "--seed", help="Run seed; image i depends only on (seed, i)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per batch."),
     resize: bool = typer.Option(False, "--resize", help="Resize generated images to the reference resolution."),
@@ -396,6 +397,7 @@ def eval_fid(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the protocol record (every field) here."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep folder: eval_fid.csv, .png and .json."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes (devices) to generate on: launches torchrun."),
 ) -> None:
     """Score generated images against a reference: FID, KID, IS, precision/recall (torch-fidelity).
 
@@ -409,15 +411,29 @@ def eval_fid(
       diffcli eval-fid runs/digits/last.safetensors --sampler ddim,heun --nfe 5,10,20,50 --out eval/digits
 
       diffcli eval-fid samples/cifar --ref cifar10 --inception-weights weights-inception-2015-12-05-6726825d.pth
+
+      diffcli eval-fid runs/cifar10/last.safetensors --nfe 35 --n 50000 --nproc 4   (or: torchrun … -m diffcli eval-fid …)
     """
-    from .metrics import EvalOptions, evaluate, summary_rows, sweep_table
+    from . import distributed as dist
+    from .metrics import EvalOptions, check, evaluate, summary_rows, sweep_table
 
     con = _console()
-    res = evaluate(EvalOptions(
+    opts = EvalOptions(
         generated=generated, ref=ref, ref_split=ref_split, data_root=data_root, metrics=metrics, extractor=extractor,
         inception_weights=inception_weights, sampler=sampler, nfe=nfe, steps=steps, schedule=schedule, cfg=cfg, n=n,
         seed=seed, batch_size=batch_size, resize=resize, cache=not no_cache, device=device, out=out,
-        json_path=json_path), log=con.print)
+        json_path=json_path)
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: must be ≥ 1")
+    if nproc > 1:
+        if dist.launched():
+            raise UserError(f"--nproc {nproc}: already running under torchrun; give one or the other")
+        check(opts, log=con.print)  # every bad input is reported here, once, before a worker starts
+        raise typer.Exit(_relaunch_without_nproc(nproc, [a for a in sys.argv[1:] if a != "--debug"]))
+    res = evaluate(opts, log=con.print)
+    dist.finish()
+    if res is None:  # not rank 0: rank 0 reports and writes
+        return
     if len(res.records) == 1:
         con.print(_table("diffcli eval-fid", summary_rows(res.records[0])))
     else:
@@ -471,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = app(args=argv, prog_name="diffcli", standalone_mode=False)
         return rc if isinstance(rc, int) else 0
     except DiffcliError as e:
+        if getattr(e, "quiet", False):  # already reported by rank 0 of this torchrun job
+            return e.exit_code
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -85,6 +87,40 @@ def gather_to_main(obj, world: World) -> list | None:
     out = [None] * world.size if world.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def broadcast_from_main(obj, world: World):
+    """Rank 0's `obj` on every rank (the argument is ignored elsewhere)."""
+    if not world.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class ReportedByMain(UserError):
+    """Bad input that rank 0 reports; the other ranks exit with the same code without repeating the line."""
+
+    quiet = True
+
+
+def raise_once(error: UserError | None, world: World) -> None:
+    """Collective, after every rank has checked the same input: report bad input once, not once per rank.
+
+    If rank 0 found an error it raises it (the CLI prints it) and every other rank raises a quiet
+    `ReportedByMain`; an error that only another rank found is raised, and printed, there."""
+    if world.distributed:
+        main_error = broadcast_from_main(str(error) if error is not None else None, world)
+        if main_error is not None and not world.is_main:
+            import time
+
+            # let rank 0 print first: torchrun stops every rank as soon as one exits (bounded for other launchers)
+            time.sleep(5)
+            raise ReportedByMain(main_error)
+    if error is not None:
+        raise error
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:

@@ -10,6 +10,10 @@ Metrics:        torch-fidelity's own functions on features from a torch-fidelity
                 (`diffcli.features`): `fid_statistics_to_metric`, `kid_features_to_metric`,
                 `isc_features_to_metric`, `prc_features_to_metric`. Nothing is re-implemented here.
 
+Processes:      under torchrun (`diffcli eval-fid --nproc N`) every rank generates and extracts the features of
+                a batch-aligned block of the image indices; rank 0 gathers the features, scores and writes
+                (docs/SCALING.md). The numbers are those of one process.
+
 Images travel as uint8 (N, C, H, W), torch-fidelity's convention; generated samples are quantised exactly as
 sample PNGs are written, so a checkpoint and its sample folder give the same numbers.
 """
@@ -480,15 +484,30 @@ def _plan(opts: EvalOptions, ck) -> list[tuple[str, int]]:
     return plan
 
 
-def evaluate(opts: EvalOptions, log=None) -> EvalResult:
-    """Run eval-fid (see module docstring); writes --json, and for sweeps CSV + PNG into --out."""
-    from . import __version__
-    from .runtime import resolve_device
+@dataclass
+class _Prepared:
+    """What every rank knows once the input is checked (rank 0 also holds the reference and the record)."""
 
-    log = log or (lambda *a, **k: None)
-    t_start = time.perf_counter()
+    dev: torch.device
+    ck: object | None = None
+    ck_hash: str | None = None
+    settings: list | None = None  # one SampleSettings per generation job; None: a folder, nothing to generate
+    gen_set: ImageSet | None = None
+    ext: Extractor | None = None
+    ref: Reference | None = None
+    metrics: list[str] = field(default_factory=list)  # after small-n drops
+    resize: str = "none"
+    resize_to: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    base: dict = field(default_factory=dict)
+
+
+def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, world_size: int = 1) -> _Prepared:
+    """Check every input before anything is generated; load the checkpoint, the extractor and (on rank 0,
+    `main`) the generated folder and the reference. Raises UserError for bad input."""
+    from . import __version__
+
     metrics, explicit = parse_metrics(opts.metrics)
-    dev = resolve_device(opts.device)
     if opts.n is not None and opts.n < 2:
         raise UserError(f"--n {opts.n}: at least 2 images are needed")
     if opts.batch_size < 1:
@@ -497,29 +516,41 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult:
         raise UserError(f"--seed {opts.seed}: must be ≥ 0")
     if opts.inception_weights is not None and not Path(opts.inception_weights).is_file():
         raise UserError(f"--inception-weights {str(opts.inception_weights)!r}: no such file")
+    if opts.out is not None and Path(opts.out).exists() and not Path(opts.out).is_dir():
+        raise UserError(f"--out {str(opts.out)!r} is a file, not a folder")
     g = Path(opts.generated)
     if not g.exists():
         raise UserError(f"GENERATED {str(g)!r}: does not exist (give a checkpoint, a sample folder or a folder)")
+    p = _Prepared(dev)
+    n_req = opts.n if opts.n is not None else DEFAULT_N
 
     # generated set (or the plan to generate it) and the default reference
-    ck, plan, gen_set, default_ref = None, None, None, None
+    default_ref = None
     if _is_checkpoint(g):
-        from .checkpoint import load_checkpoint
+        from .checkpoint import file_hash, load_checkpoint
+        from .generate import SampleSettings, validate_settings
 
-        from .checkpoint import file_hash
-
-        ck_hash = file_hash(g)  # before loading: the hash names the weights that are evaluated
-        ck = load_checkpoint(g, dev)
-        plan = _plan(opts, ck)
+        p.ck_hash = file_hash(g)  # before loading: the hash names the weights that are evaluated
+        p.ck = ck = load_checkpoint(g, dev)
+        p.settings = []
+        for sampler, steps in _plan(opts, ck):  # every job is checked before the first image is generated
+            s = SampleSettings(sampler=sampler, steps=steps, schedule=opts.schedule, cfg=opts.cfg, n=n_req,
+                               batch_size=opts.batch_size, seed=opts.seed)
+            validate_settings(s, ck.denoiser.num_classes)
+            p.settings.append(s)
+        if len(p.settings) > 1 and opts.out is None:
+            raise UserError("a sweep (several --sampler/--nfe values) writes a CSV and a plot: give --out DIR")
         d = ck.recipe.data
         default_ref = {"name": d.name, "split": d.split, "root": d.root, "resolution": d.resolution, "path": d.path}
-        gen_shape = (ck.channels, ck.resolution, ck.resolution)
+        gen_shape, n_gen = (ck.channels, ck.resolution, ck.resolution), n_req
     elif g.is_dir():
         if opts.sampler or opts.nfe or opts.steps is not None:
             raise UserError(f"--sampler/--nfe/--steps need a checkpoint; GENERATED {str(g)!r} is a folder")
-        gen_set = load_generated_folder(g, opts.n)
-        gen_shape = gen_set.shape
-        ckp = gen_set.info.get("checkpoint")
+        if not main:  # nothing to generate: rank 0 reads and scores the folder alone
+            return p
+        p.gen_set = load_generated_folder(g, opts.n)
+        gen_shape, n_gen = p.gen_set.shape, len(p.gen_set.images)
+        ckp = p.gen_set.info.get("checkpoint")
         if ckp and Path(ckp).is_file():
             from .checkpoint import read_header
             from .recipes import recipe_from_json
@@ -533,73 +564,136 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult:
                 default_ref = None
     else:
         raise UserError(f"GENERATED {str(g)!r}: not a .safetensors checkpoint nor a folder")
+    if opts.out is not None:
+        try:
+            import matplotlib  # noqa: F401  (the sweep plot; fail before generating, not after)
+        except ImportError:
+            raise UserError("--out: the sweep plot needs matplotlib; pip install 'diffcli[plot]'") from None
 
     # extractor: digits for 1×8×8 sets, Inception otherwise
     ext_name = opts.extractor or ("digits" if gen_shape == (1, 8, 8) else "inception")
-    ext = Extractor(ext_name, metrics, device=dev, batch_size=opts.batch_size,
-                    inception_weights=opts.inception_weights, digits_seed=opts.digits_seed)
-    ref = resolve_reference(opts.ref, opts.ref_split, opts.data_root, ext, default=default_ref, cache=opts.cache,
-                            log=log)
+    p.ext = ext = Extractor(ext_name, metrics, device=dev, batch_size=opts.batch_size,
+                            inception_weights=opts.inception_weights, digits_seed=opts.digits_seed)
+    if not main:  # rank 0 alone needs the reference (and shares what the others need of it)
+        return p
+    p.ref = ref = resolve_reference(opts.ref, opts.ref_split, opts.data_root, ext, default=default_ref,
+                                    cache=opts.cache, log=log)
     ref_shape = (ref.channels, ref.resolution, ref.resolution)
     if gen_shape[0] != ref.channels:
         raise UserError(f"the generated images have {gen_shape[0]} channel(s), the reference {ref.channels}")
-    resize = "none"
     if gen_shape[1:] != ref_shape[1:]:
         if not opts.resize:
             raise UserError(f"the generated images are {gen_shape[1]}×{gen_shape[2]}, the reference "
                             f"{ref.resolution}×{ref.resolution}; pass --resize to resize the generated set to the "
                             f"reference resolution")
-        resize = (f"generated {gen_shape[1]}×{gen_shape[2]} → {ref.resolution}×{ref.resolution} "
-                  f"(centre crop, PIL bicubic up / Lanczos down)")
-    n_req = opts.n if opts.n is not None else DEFAULT_N
-    need_pr = "pr" in metrics
-    warnings: list[str] = []
-
-    def drop_small(n: int) -> list[str]:
-        ms = list(metrics)
-        if need_pr and min(n, ref.n) <= PR_NEIGHBORHOOD:
-            if explicit:
-                raise UserError(f"--metrics pr: precision/recall needs more than {PR_NEIGHBORHOOD} images per set "
-                                f"(got {n} generated, {ref.n} reference)")
-            ms.remove("pr")
-            warnings.append(f"precision/recall skipped: needs more than {PR_NEIGHBORHOOD} images per set")
-        return ms
-
-    base = {
+        p.resize_to = ref.resolution
+        p.resize = (f"generated {gen_shape[1]}×{gen_shape[2]} → {ref.resolution}×{ref.resolution} "
+                    f"(centre crop, PIL bicubic up / Lanczos down)")
+    p.metrics = list(metrics)
+    if "pr" in metrics and min(n_gen, ref.n) <= PR_NEIGHBORHOOD:
+        if explicit:
+            raise UserError(f"--metrics pr: precision/recall needs more than {PR_NEIGHBORHOOD} images per set "
+                            f"(got {n_gen} generated, {ref.n} reference)")
+        p.metrics.remove("pr")
+        p.warnings.append(f"precision/recall skipped: needs more than {PR_NEIGHBORHOOD} images per set")
+    p.base = {
         "diffcli_version": __version__, "torch_fidelity_version": _tf_version(), "torch_version": torch.__version__,
-        "python": platform.python_version(), "device": str(dev),
+        "python": platform.python_version(), "device": str(dev), "processes": world_size,
         "extractor": ext.name, "extractor_weights": ext.weights, "extractor_weights_hash": ext.hash,
         "feature_layer": ext.layer, "feature_dim": int(ref.features.shape[1]),
-        "extractor_input": EXTRACTOR_INPUT[ext.name], "resize": resize,
+        "extractor_input": EXTRACTOR_INPUT[ext.name], "resize": p.resize,
         "reference": {**ref.info, "n": ref.n, "channels": ref.channels, "resolution": ref.resolution},
         "n_reference": ref.n,
         "kid_subsets": KID_SUBSETS, "pr_neighborhood": PR_NEIGHBORHOOD, "metric_seed": 2020,
     }
-    records = []
-    jobs = plan if plan is not None else [None]
-    for job in jobs:
-        rec = dict(base)
-        t_gen = 0.0
-        if job is not None:
-            from .generate import SampleSettings, generate, validate_settings
-            from .images import to_uint8
+    return p
 
-            s = SampleSettings(sampler=job[0], steps=job[1], schedule=opts.schedule, cfg=opts.cfg, n=n_req,
-                               batch_size=opts.batch_size, seed=opts.seed)
-            validate_settings(s, ck.denoiser.num_classes)
-            log(f"generating {n_req} images: {job[0]}, {job[1]} steps")
+
+def check(opts: EvalOptions, log=None) -> None:
+    """Check every input of an evaluation (and fill the reference-statistics cache) without generating:
+    what `diffcli eval-fid --nproc N` runs before it starts the workers, so bad input is reported once."""
+    from .runtime import resolve_device
+
+    _prepare(opts, resolve_device(opts.device), log or (lambda *a, **k: None))
+
+
+def batch_shard(n: int, batch_size: int, world) -> tuple[int, int]:
+    """This rank's contiguous indices [lo, hi) of n, cut at multiples of `batch_size`: every rank then runs
+    exactly the batches one process would (generation and feature extraction alike), so even the
+    floating-point results of batched network calls match a one-process run, not just the seeded noise."""
+    blo, bhi = world.shard(math.ceil(n / batch_size))
+    return min(blo * batch_size, n), min(bhi * batch_size, n)
+
+
+def evaluate(opts: EvalOptions, log=None) -> EvalResult | None:
+    """Run eval-fid (see module docstring); writes --json, and for sweeps CSV + PNG into --out.
+
+    Under torchrun every rank generates its contiguous, batch-aligned block of the image indices and extracts
+    their features; rank 0 gathers the features, computes the metrics, logs and writes, and returns the
+    result; the other ranks return None. Per-sample seeding makes the numbers those of a one-process run."""
+    from . import distributed as dist
+    from .images import to_uint8
+    from .runtime import resolve_device
+
+    t_start = time.perf_counter()
+    world, dev = dist.init(resolve_device(opts.device))
+    log = (log if world.is_main else None) or (lambda *a, **k: None)
+    err = None
+    try:
+        p = _prepare(opts, dev, log, main=world.is_main, world_size=world.size)
+    except UserError as e:
+        if not world.distributed:
+            raise
+        p, err = None, e
+    dist.raise_once(err, world)  # bad input: rank 0 reports it, once; the other ranks exit quietly
+    metrics, resize_to = dist.broadcast_from_main((p.metrics, p.resize_to), world)
+    if p.settings is None and not world.is_main:
+        return None
+    ext = p.ext
+    layers = [ext.layer] + ([ext.is_layer] if "is" in metrics and ext.is_layer != ext.layer else [])
+    records = []
+    for s in (p.settings if p.settings is not None else [None]):
+        t_gen, grec = None, None
+        if s is not None:
+            lo, hi = batch_shard(s.n, s.batch_size, world)
+            log(f"generating {s.n} images: {s.sampler}, {s.steps} steps"
+                + (f" ({world.size} processes)" if world.distributed else ""))
             t0 = time.perf_counter()
-            imgs, grec = generate(ck.denoiser, ck.channels, ck.resolution, s, device=dev)
+            imgs, grec = generate_images(p.ck, s, dev, range(lo, hi), show_progress=world.is_main)
             t_gen = time.perf_counter() - t0
+            images = to_uint8(imgs)
             labels = torch.tensor(grec["labels"], dtype=torch.long) if grec.get("labels") is not None else None
-            gset = ImageSet(to_uint8(imgs), labels, {"source": "checkpoint", "path": str(ck.path)})
-            rec.update({"generated": gset.info, "checkpoint": str(ck.path), "checkpoint_sha256": ck_hash,
-                        "checkpoint_step": ck.step, "sampler": grec["sampler"], "schedule": grec["schedule"],
-                        "steps": grec["steps"], "nfe": grec["nfe"], "cfg": opts.cfg, "seed": opts.seed,
-                        "seeds": f"image i uses seed mix({opts.seed}, i)", "generation_seconds": round(t_gen, 3)})
         else:
-            gset = gen_set
-            info = gset.info
+            images, labels = p.gen_set.images, p.gen_set.labels
+        shape = (images.shape[1], resize_to, resize_to) if resize_to is not None else tuple(images.shape[1:])
+        if resize_to is not None and len(images):
+            images = resize_u8(images, resize_to)
+        t0 = time.perf_counter()
+        feats = ext.features(images, layers) if len(images) else None
+        t_feat = time.perf_counter() - t0
+        # class accuracy of conditional digits needs the (tiny) images themselves on rank 0
+        keep_images = labels is not None and shape == (1, 8, 8)
+        part = {"n": len(images), "features": feats, "labels": labels, "images": images if keep_images else None,
+                "record": grec, "generation_seconds": t_gen, "feature_seconds": t_feat}
+        parts = dist.gather_to_main(part, world) if s is not None else [part]
+        if not world.is_main:
+            continue
+        parts = [q for q in parts if q["n"]]  # a rank may hold no batch at all when n is small
+        feats = {k: torch.cat([q["features"][k] for q in parts]) for k in layers}
+        labels = torch.cat([q["labels"] for q in parts]) if labels is not None else None
+        n_images = sum(q["n"] for q in parts)
+        t_feat = max(q["feature_seconds"] for q in parts)
+        rec = dict(p.base)
+        if s is not None:
+            grec = parts[0]["record"]
+            t_gen = max(q["generation_seconds"] for q in parts)
+            rec.update({"generated": {"source": "checkpoint", "path": str(p.ck.path)}, "checkpoint": str(p.ck.path),
+                        "checkpoint_sha256": p.ck_hash, "checkpoint_step": p.ck.step, "sampler": grec["sampler"],
+                        "schedule": grec["schedule"], "steps": grec["steps"], "nfe": grec["nfe"], "cfg": opts.cfg,
+                        "seed": opts.seed, "seeds": f"image i uses seed mix({opts.seed}, i)",
+                        "generation_seconds": round(t_gen, 3)})
+        else:
+            info = p.gen_set.info
             rec.update({"generated": info, "checkpoint": info.get("checkpoint"),
                         "checkpoint_sha256": info.get("checkpoint_sha256"),
                         "checkpoint_step": info.get("checkpoint_step"), "sampler": info.get("sampler"),
@@ -607,41 +701,32 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult:
                         "cfg": info.get("cfg"), "seed": info.get("seed"),
                         "seeds": None if info.get("seed") is None else f"image i uses seed mix({info['seed']}, i)",
                         "generation_seconds": None})
-        images = gset.images
-        if resize != "none":
-            images = resize_u8(images, ref.resolution)
-        ms = drop_small(len(images))
         t0 = time.perf_counter()
-        layers = [ext.layer] + ([ext.is_layer] if "is" in ms and ext.is_layer != ext.layer else [])
-        feats = ext.features(images, layers)
-        t_feat = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        vals = compute_metrics(feats, ref, ms, layer=ext.layer, is_layer=ext.is_layer)
+        vals = compute_metrics(feats, p.ref, metrics, layer=ext.layer, is_layer=ext.is_layer)
         t_met = time.perf_counter() - t0
         acc = None
-        if gset.labels is not None and tuple(images.shape[1:]) == (1, 8, 8):
-            if int(gset.labels.max()) < 10 and int(gset.labels.min()) >= 0:
-                from .features import class_accuracy
+        if keep_images and 0 <= int(labels.min()) and int(labels.max()) < 10:
+            from .features import class_accuracy
 
-                acc = class_accuracy(images, gset.labels, seed=opts.digits_seed)
-        w = small_n_warnings(len(images), ref.n, int(ref.features.shape[1]))
+            acc = class_accuracy(torch.cat([q["images"] for q in parts]), labels, seed=opts.digits_seed)
+        w = small_n_warnings(n_images, p.ref.n, int(p.ref.features.shape[1]))
         rec.update({
-            "metrics": vals, "metrics_requested": ms, "class_accuracy": acc, "n_generated": len(images),
-            "kid_subset_size": min(KID_SUBSET_SIZE, len(images), ref.n) if "kid" in ms else None,
-            "is_splits": min(IS_SPLITS, len(images)) if "is" in ms else None,
+            "metrics": vals, "metrics_requested": metrics, "class_accuracy": acc, "n_generated": n_images,
+            "kid_subset_size": min(KID_SUBSET_SIZE, n_images, p.ref.n) if "kid" in metrics else None,
+            "is_splits": min(IS_SPLITS, n_images) if "is" in metrics else None,
             "eval_seconds": round(t_feat + t_met, 3), "feature_seconds": round(t_feat, 3),
             "metric_seconds": round(t_met, 3),
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "warnings": list(dict.fromkeys(warnings + w)),
+            "warnings": list(dict.fromkeys(p.warnings + w)),
         })
         records.append(rec)
         log(_one_line(rec))
+    if not world.is_main:
+        return None
     for r in records:
         r["total_seconds"] = round(time.perf_counter() - t_start, 3)
     all_warn = list(dict.fromkeys(w for r in records for w in r["warnings"]))
     files = []
-    if len(records) > 1 and opts.out is None:
-        raise UserError("a sweep (several --sampler/--nfe values) writes a CSV and a plot: give --out DIR")
     if opts.out is not None:
         files += write_sweep(opts.out, records)
     if opts.json_path is not None:
@@ -651,6 +736,14 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult:
         atomic_write_text(opts.json_path, json.dumps(doc, indent=2, default=_json_default))
         files.append(Path(opts.json_path))
     return EvalResult(records, files, all_warn)
+
+
+def generate_images(ck, s, dev: torch.device, indices: range, *, show_progress: bool) -> tuple[Tensor, dict]:
+    """Images `indices` of a run with settings `s` from a loaded checkpoint (diffcli.generate)."""
+    from .generate import generate
+
+    return generate(ck.denoiser, ck.channels, ck.resolution, s, device=dev, indices=indices,
+                    show_progress=show_progress)
 
 
 def _json_default(o):

@@ -69,6 +69,25 @@ def tiny_ckpt(tiny_run) -> Path:
     return tiny_run / "last.safetensors"
 
 
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """Point the user cache at a temporary folder (subprocesses inherit it) and train the digits classifier
+    once for the whole session (eval-fid tests: test_metrics, test_distributed)."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    root = tmp_path_factory.mktemp("xdg_cache")
+    os.environ["XDG_CACHE_HOME"] = str(root)
+    from diffcli import features
+
+    features._LOADED.clear()
+    clf = features.load_digits_classifier(0)
+    yield clf
+    features._LOADED.clear()
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture
 def gm():
     from diffcli.oracle import GaussianMixtureDenoiser

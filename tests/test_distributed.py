@@ -1,8 +1,9 @@
-"""torch.distributed on the CPU (gloo, 2 processes through torchrun): training, sampling, resume."""
+"""torch.distributed on the CPU (gloo, 2 processes through torchrun): training, sampling, resume, eval-fid."""
 
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -59,3 +60,41 @@ def test_two_process_sampling_is_byte_identical(tiny_ckpt, tmp_path):
     assert names == sorted(p.name for p in (tmp_path / "two/images").iterdir()) and len(names) == 7
     for n in names:
         assert (tmp_path / "one/images" / n).read_bytes() == (tmp_path / "two/images" / n).read_bytes(), n
+
+
+EVAL_ARGS = ["-n", "21", "--batch-size", "4", "--sampler", "ddpm,euler", "--nfe", "3", "--device", "cpu"]
+
+
+def test_two_process_eval_fid_gives_one_process_numbers(digits_cache, tiny_ckpt, tmp_path):
+    """`eval-fid CKPT --nproc 2`: a sweep (a stochastic and a deterministic sampler) with both generations
+    sharded (batches 0-2 on rank 0, 3-5 on rank 1) gives exactly the numbers of one process; only rank 0
+    prints and writes."""
+    from diffcli.metrics import EvalOptions, evaluate
+
+    one = evaluate(EvalOptions(generated=tiny_ckpt, n=21, batch_size=4, sampler="ddpm,euler", nfe="3",
+                               device="cpu", out=tmp_path / "one")).records
+    out = tmp_path / "two"
+    r = run_cli("eval-fid", tiny_ckpt, *EVAL_ARGS, "--out", out, "--json", tmp_path / "two.json", "--nproc", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads((out / "eval_fid.json").read_text())["sweep"]
+    assert json.loads((tmp_path / "two.json").read_text()) == {"sweep": two}
+    assert [(x["sampler"], x["n_generated"], x["processes"]) for x in two] == [("ddpm", 21, 2), ("euler", 21, 2)]
+    for a, b in zip(one, two):
+        assert a["metrics"] == b["metrics"] and a["class_accuracy"] == b["class_accuracy"], (a["sampler"], a, b)
+        assert a["nfe"] == b["nfe"] and a["processes"] == 1
+    # rank 0 alone reports and writes
+    assert r.stderr.count("diffcli eval-fid sweep") == 1 and r.stderr.count("generating 21 images") == 2
+    assert r.stderr.count("eval_fid.csv") == 1
+    assert sorted(f.name for f in out.iterdir()) == ["eval_fid.csv", "eval_fid.json", "eval_fid.png"]
+
+
+def test_eval_fid_bad_input_reported_once(digits_cache, tiny_ckpt, tmp_path):
+    """Bad input exits 2 with one line: under --nproc the launcher checks it before any worker starts; under
+    torchrun itself rank 0 reports it and the other ranks exit quietly (torchrun adds its own summary)."""
+    r = run_cli("eval-fid", tiny_ckpt, *EVAL_ARGS, "--nproc", "2")  # a sweep needs --out
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: a sweep"), r.stderr[-3000:]
+    r = torchrun("eval-fid", tiny_ckpt, *EVAL_ARGS, "--metrics", "fid,bogus")
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: --metrics 'fid,bogus': unknown metric 'bogus'; choose from fid, kid, is, pr"], r.stderr
