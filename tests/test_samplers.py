@@ -248,5 +248,5 @@ def test_unipc_step_size_order_beats_fixed_order_on_a_hard_oracle():
         if n == 10:
             assert new == pytest.approx(fixed, rel=1e-9)
         else:
-            assert new < 0.6 * fixed, (n, new, fixed)
+            assert new < 0.8 * fixed, (n, new, fixed)
             assert new < 0.7 * _rms(SAMPLERS["dpmpp_2m"](gm, x, g), ref), n
