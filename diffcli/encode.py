@@ -82,7 +82,8 @@ class ODESpec:
 
     def grid(self, process=None) -> Tensor:
         """Decreasing noise levels σ_max … σ_min, 0: (steps + 1,) float64 (the decoder's grid)."""
-        return get_sigmas(self.schedule, self.steps, self.sigma_min, self.sigma_max, rho=self.rho, process=process)
+        return get_sigmas(self.schedule, self.steps, self.sigma_min, self.sigma_max, rho=self.rho, process=process,
+                          endpoint=True)  # the inversion starts exactly at σ_min
 
     def inversion_grid(self, process=None) -> Tensor:
         """Increasing σ_min … σ_max: the same levels, reversed, without the 0 (the encoder's grid)."""

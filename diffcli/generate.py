@@ -204,6 +204,8 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
         opts["eta"] = s.eta
     elif s.sampler == "ddim":
         opts["eta"] = 0.0
+    if s.sampler == "unipc" and "variant" not in opts and (s.cfg != 1.0 or classifier is not None):
+        opts["variant"] = "bh2"  # Zhao et al. 2023: B2(h) = e^h - 1 for guided sampling, B1 otherwise
     out, nfe, net_evals = [], 0, 0
     t0 = time.perf_counter()
     idx = list(indices)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -64,9 +66,14 @@ def test_ddim_is_euler_and_deterministic(gm):
 
 def test_schedules_shape_and_order():
     for name in ("karras", "logsnr", "linear"):
-        s = get_sigmas(name, 10, 0.002, 80.0)
+        s = get_sigmas(name, 10, 0.002, 80.0, endpoint=True)
         assert len(s) == 11 and s[-1] == 0 and abs(float(s[0]) - 80) < 1e-9 and abs(float(s[-2]) - 0.002) < 1e-12
         assert (s[1:] < s[:-1]).all()
+    # the sampling default of logsnr: 11 levels uniform in log σ from 80 to 0.002, the last one replaced by 0
+    s = get_sigmas("logsnr", 10, 0.002, 80.0)
+    assert len(s) == 11 and s[-1] == 0 and float(s[0]) == pytest.approx(80)
+    assert float(s[-2]) == pytest.approx(0.002 * (80 / 0.002) ** 0.1)
+    assert torch.allclose(s[:-1].log().diff(), torch.full((9,), -math.log(80 / 0.002) / 10, dtype=torch.float64))
     with pytest.raises(ValueError):
         get_sigmas("nope", 10, 0.002, 80.0)
 
