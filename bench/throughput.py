@@ -1,18 +1,25 @@
 """Training and sampling throughput of diffcli's UNet vs diffusers' UNet2DModel at equal widths, depth and attention.
 
-Each configuration runs in its own subprocess (so peak resident memory, ru_maxrss, is its own), the two
-networks alternate round by round so that any load on the machine falls on both, and the median of the rounds
-is reported. A training step is forward + backward + AdamW on a batch of noisy images (ε-MSE for both, the
-loss's cost is negligible); a sampling step is one forward pass under no_grad.
+Throughput: all kinds live in one process and take one training step each in turn, round after round, so
+that load from other processes on a shared machine falls on every kind alike, step by step; a ratio is the
+median over rounds of the two step times measured back to back, and img/s is batch / median step time.
+Memory: each kind runs a few steps in its own subprocess, whose peak resident memory (ru_maxrss) is its own
+(`rss_after_imports_mb` is the same reading before the network is built). A training step is forward + backward + AdamW on a batch of noisy images (ε-MSE for
+all, the loss's cost is negligible); a sampling step is one forward pass under no_grad.
+
+Kinds: `diffcli` is the network with the optimizer diffcli's training engine builds (diffcli.train.make_optimizer:
+fused AdamW); `diffusers` is UNet2DModel with torch.optim.AdamW as diffusers' own training examples build it;
+`diffusers_fused` is UNet2DModel with diffcli's optimizer, which isolates the networks from the optimizers.
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python bench/throughput.py --threads 2 --rounds 3
+    .venv/bin/python bench/throughput.py --threads 2 --steps 20 --steps32 8 --out docs/bench/throughput.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -25,8 +32,17 @@ CONFIGS = {  # resolution: (widths, attention resolutions, layers per block)
 }
 
 
-def build(kind: str, res: int):
+def build(kind: str, res: int, before: str | None = None):
     widths, attn, layers = CONFIGS[res]
+    if kind == "diffcli_before":  # the UNet of an older checkout (--before), loaded from its file
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("unet_before", f"{before}/diffcli/nets/unet.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.UNet(in_channels=3 if res == 32 else 1, out_channels=3 if res == 32 else 1, resolution=res,
+                        channels=widths[0], channel_mult=[w // widths[0] for w in widths], num_res_blocks=layers,
+                        attention_resolutions=attn, head_channels=32)
     if kind == "diffcli":
         from diffcli.nets.unet import UNet
 
@@ -35,26 +51,46 @@ def build(kind: str, res: int):
                     attention_resolutions=attn, head_channels=32)
     from diffusers import UNet2DModel
 
-    down, up, r = [], [], res
+    # ADM's layout in diffusers' own blocks: residual down/up-sampling blocks (avg-pool / nearest inside a
+    # ResnetBlock2D, as ADM), scale-shift time conditioning, and a GroupNorm before the middle attention
+    # (attn_norm_num_groups; diffusers drops it under scale_shift otherwise) — the parameter count is then
+    # exactly diffcli's.
+    down, r = [], res
     for _ in widths:
-        down.append("AttnDownBlock2D" if r in attn else "DownBlock2D")
+        down.append("AttnDownBlock2D" if r in attn else "ResnetDownsampleBlock2D")
         r //= 2
-    up = [b.replace("Down", "Up") for b in reversed(down)]
+    up = ["AttnUpBlock2D" if b.startswith("Attn") else "ResnetUpsampleBlock2D" for b in reversed(down)]
     return UNet2DModel(sample_size=res, in_channels=3 if res == 32 else 1, out_channels=3 if res == 32 else 1,
                        layers_per_block=layers, block_out_channels=widths, down_block_types=tuple(down),
-                       up_block_types=tuple(up), norm_num_groups=8, attention_head_dim=32)
+                       up_block_types=tuple(up), norm_num_groups=8, attn_norm_num_groups=8, attention_head_dim=32,
+                       downsample_type="resnet", upsample_type="resnet", resnet_time_scale_shift="scale_shift")
+
+
+KINDS = ("diffcli", "diffusers", "diffusers_fused")
 
 
 def measure(kind: str, res: int, batch: int, steps: int, threads: int) -> dict:
     import torch
 
+    if kind != "diffcli":
+        import diffusers  # noqa: F401  (imported before the baseline memory reading, like diffcli below)
+    try:
+        from diffcli.train import make_optimizer
+    except ImportError:  # a diffcli from before make_optimizer (to measure an older checkout): plain AdamW
+        def make_optimizer(params, lr):
+            return torch.optim.AdamW(params, lr=lr)
+
     torch.set_num_threads(threads)
+    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.manual_seed(0)
     net = build(kind, res)
     c = 3 if res == 32 else 1
     x = torch.randn(batch, c, res, res)
     t = torch.rand(batch) * 999
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    if kind == "diffusers":  # diffusers' examples: torch.optim.AdamW(unet.parameters(), lr=..., betas=..., ...)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    else:
+        opt = make_optimizer(net.parameters(), lr=1e-4)
 
     def fwd(inp):
         out = net(inp, t) if kind == "diffcli" else net(inp, t).sample
@@ -80,39 +116,121 @@ def measure(kind: str, res: int, batch: int, steps: int, threads: int) -> dict:
         sample_ips = batch * steps / (time.perf_counter() - t0)
     return {"kind": kind, "res": res, "params": sum(p.numel() for p in net.parameters()),
             "train_images_per_s": train_ips, "sample_images_per_s": sample_ips,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_imports_mb": rss_imports}
+
+
+def interleave(res: int, batch: int, steps: int, threads: int, before: str | None) -> dict:
+    """Every kind in one process, one training step (then one sampling step) of each in turn, `steps` rounds:
+    load from other processes falls on all kinds alike, step by step. Per-step seconds of each kind."""
+    import torch
+
+    from diffcli.train import make_optimizer
+
+    torch.set_num_threads(threads)
+    kinds = KINDS + (("diffcli_before",) if before else ())
+    c = 3 if res == 32 else 1
+    x = torch.randn(batch, c, res, res, generator=torch.Generator().manual_seed(1))
+    t = torch.rand(batch, generator=torch.Generator().manual_seed(2)) * 999
+    nets, opts = {}, {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        nets[kind] = build(kind, res, before)
+        plain = kind in ("diffusers", "diffcli_before")  # stock torch.optim.AdamW
+        opts[kind] = (torch.optim.AdamW(nets[kind].parameters(), lr=1e-4) if plain
+                      else make_optimizer(nets[kind].parameters(), lr=1e-4))
+
+    def fwd(kind):
+        out = nets[kind](x, t)
+        return out if torch.is_tensor(out) else out.sample
+
+    def train_step(kind):
+        loss = (fwd(kind) - x).square().mean()
+        opts[kind].zero_grad()
+        loss.backward()
+        opts[kind].step()
+
+    train_s = {k: [] for k in kinds}
+    sample_s = {k: [] for k in kinds}
+    for r in range(steps + 1):  # a warm-up round
+        for kind in kinds:
+            t0 = time.perf_counter()
+            train_step(kind)
+            if r >= 1:
+                train_s[kind].append(time.perf_counter() - t0)
+    with torch.no_grad():
+        for r in range(steps + 1):
+            for kind in kinds:
+                t0 = time.perf_counter()
+                fwd(kind)
+                if r >= 1:
+                    sample_s[kind].append(time.perf_counter() - t0)
+    return {"train_s": train_s, "sample_s": sample_s}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps32", type=int, default=None, help="steps at 32×32 (default: --steps)")
+    ap.add_argument("--out", default=None, help="also write the table as JSON here")
+    ap.add_argument("--before", default=None, help="also time the UNet of an older checkout in this folder "
+                    "(e.g. git archive HEAD~1 diffcli | tar -x -C DIR), with stock AdamW as it had")
     ap.add_argument("--one", nargs=3, metavar=("KIND", "RES", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--interleave", nargs=2, metavar=("RES", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         kind, res, batch = args.one[0], int(args.one[1]), int(args.one[2])
         print(json.dumps(measure(kind, res, batch, args.steps, args.threads)))
         return
-    results = {}
+    if args.interleave:
+        res, batch = int(args.interleave[0]), int(args.interleave[1])
+        print(json.dumps(interleave(res, batch, args.steps, args.threads, args.before)))
+        return
+    load, rows = [os.getloadavg()[0]], []
     for res, batch in ((8, 128), (32, 32)):
-        for _ in range(args.rounds):
-            for kind in ("diffcli", "diffusers"):
-                out = subprocess.run([sys.executable, __file__, "--one", kind, str(res), str(batch), "--steps",
-                                      str(args.steps), "--threads", str(args.threads)],
-                                     capture_output=True, text=True, check=True).stdout
-                r = json.loads(out.strip().splitlines()[-1])
-                results.setdefault((res, kind), []).append(r)
-    rows = []
-    for res in (8, 32):
-        med = {k: {m: statistics.median(r[m] for r in results[(res, k)])
-                   for m in ("train_images_per_s", "sample_images_per_s", "peak_rss_mb")}
-               for k in ("diffcli", "diffusers")}
-        p = {k: results[(res, k)][0]["params"] for k in ("diffcli", "diffusers")}
-        rows.append({"res": res, "params": p, **{k: med[k] for k in med},
-                     "train_ratio": med["diffcli"]["train_images_per_s"] / med["diffusers"]["train_images_per_s"],
-                     "sample_ratio": med["diffcli"]["sample_images_per_s"] / med["diffusers"]["sample_images_per_s"]})
-    print(json.dumps(rows, indent=2))
+        steps = args.steps32 if res == 32 and args.steps32 else args.steps
+        # throughput: all kinds interleaved step by step in one process
+        cmd = [sys.executable, __file__, "--interleave", str(res), str(batch), "--steps", str(steps),
+               "--threads", str(args.threads)] + (["--before", args.before] if args.before else [])
+        timing = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        load.append(os.getloadavg()[0])
+        # memory: each kind in its own process (ru_maxrss is per process), a few steps
+        mem = {}
+        for kind in KINDS:
+            out = subprocess.run([sys.executable, __file__, "--one", kind, str(res), str(batch), "--steps", "1",
+                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True).stdout
+            mem[kind] = json.loads(out.strip().splitlines()[-1])
+            load.append(os.getloadavg()[0])
+        kinds = list(timing["train_s"])
+        row = {"res": res, "batch": batch, "params": {k: mem[k]["params"] for k in KINDS}}
+        for k in kinds:
+            tr, sa = timing["train_s"][k], timing["sample_s"][k]
+            row[k] = {"train_images_per_s": batch / statistics.median(tr),
+                      "train_images_per_s_best": batch / min(tr),
+                      "sample_images_per_s": batch / statistics.median(sa)}
+            if k in mem:
+                row[k].update(peak_rss_mb=mem[k]["peak_rss_mb"], rss_after_imports_mb=mem[k]["rss_after_imports_mb"])
+
+        def ratio(a: str, b: str, what: str = "train_s") -> float:
+            """Median over rounds of b's step time / a's step time, the two measured back to back."""
+            return statistics.median(tb / ta for ta, tb in zip(timing[what][a], timing[what][b]))
+
+        row["train_ratio"] = ratio("diffcli", "diffusers")
+        row["train_ratio_same_optimizer"] = ratio("diffcli", "diffusers_fused")
+        row["sample_ratio"] = ratio("diffcli", "diffusers", "sample_s")
+        if args.before:
+            row["train_ratio_before"] = ratio("diffcli_before", "diffusers")
+            row["train_speedup_vs_before"] = ratio("diffcli", "diffcli_before")
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    report = {"threads": args.threads, "steps": args.steps,
+              "steps32": args.steps32 or args.steps, "load_average_1min": {"min": min(load), "max": max(load)},
+              "rows": rows}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -223,15 +223,15 @@ def ema_beta(recipe: Recipe, step: int) -> float:
     return 0.5 ** (t.batch_size / max(halflife, 1e-8))
 
 
-def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
-    """The recipe's AdamW, with torch's fused kernel where the parameters' device has one (CPU and CUDA).
+def make_optimizer(params, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW with torch's fused kernel where the parameters' device has one (CPU and CUDA).
 
     Fused: one kernel over every tensor instead of ~10 small ops per tensor (on 2 CPU threads the per-tensor
     loop cost more than the whole optimizer's arithmetic), and it takes a device-side `found_inf` flag, so a
     non-finite step can be skipped without a host sync. Same update as the per-tensor loop up to rounding."""
-    t = recipe.train
     params = list(params)
-    kw = dict(lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     try:
         return torch.optim.AdamW(params, fused=True, **kw)
     except (RuntimeError, ValueError):  # a device without the fused kernel
@@ -349,7 +349,7 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     torch.manual_seed(mix_seed(t.seed, 0, 3))  # initial weights depend only on the seed
     denoiser = build_denoiser(recipe, data.channels, data.resolution, num_classes).to(dev)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
-    opt = make_optimizer(denoiser.net.parameters(), recipe)
+    opt = make_optimizer(denoiser.net.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
     start = 0
     if resume:
         found = latest_state(out)
