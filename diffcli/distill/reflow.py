@@ -103,7 +103,9 @@ class Reflow(Method):
             raise UserError(f"reflow.pair_sampler = {c.pair_sampler!r} is stochastic; reflow needs a deterministic one")
         steps = recipe.train.max_steps
         # optimizer steps of the reflow phase; the rest (if any) is the k-step distillation phase
-        self.flow_steps = steps if not c.distill_steps else max(1, min(steps - 1, round(steps * (1 - c.distill_fraction))))
+        self.flow_steps = steps
+        if c.distill_steps:
+            self.flow_steps = max(1, min(steps - 1, round(steps * (1 - c.distill_fraction))))
         self.before = self.after = None
         self.phase = 1
 
