@@ -36,7 +36,7 @@ from ..images import save_grid
 from ..recipes import DistillRecipe, Recipe, load_distill_recipe
 from ..runtime import mix_seed, progress, resolve_device
 from ..train import (Batches, _MetricsWriter, _retain, _Signals, _truncate_metrics, ema_beta, latest_state,
-                     load_state, lr_at, prepare_run_folder, save_state)
+                     load_state, lr_at, make_optimizer, prepare_run_folder, save_state)
 
 EXTRA_RUN_FILES = ("students", "pairs", "pairs_flow", "distill.json")
 
@@ -194,8 +194,7 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
     torch.manual_seed(mix_seed(t.seed, 0, 3))
     eng.student = init_student(method.student_recipe(), teacher, dev)
     eng.ema = copy.deepcopy(eng.student).eval().requires_grad_(False)
-    eng.opt = torch.optim.AdamW(eng.student.net.parameters(), lr=t.lr, betas=t.adam_betas,
-                                weight_decay=t.weight_decay)
+    eng.opt = make_optimizer(eng.student.net.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
     total = method.total_steps()
     start = 0
     if resume:
