@@ -122,7 +122,7 @@ def sample(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name (see --list) [default: recipe]."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: recipe]."),
     nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser-call budget; chooses --steps to fit."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="karras | logsnr | uniform | linear | tuned."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="karras | logsnr | logsnr_leading | uniform | linear | tuned."),
     eta: Optional[float] = typer.Option(None, "--eta", help="Stochasticity η in [0, 1] (ddim, euler_ancestral, dpmpp_2m_sde)."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale (1 = none)."),
     class_id: Optional[int] = typer.Option(None, "--class", help="Class id for every image [default: cycle]."),
@@ -142,10 +142,12 @@ def sample(
     snr: Optional[float] = typer.Option(None, "--snr", help="pc: Langevin corrector signal-to-noise ratio in (0, 1]."),
     corrector_steps: Optional[int] = typer.Option(None, "--corrector-steps", help="pc: Langevin steps per level."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="rk45: relative (and absolute) tolerance."),
-    tune_schedule: bool = typer.Option(False, "--tune-schedule", help="Optimise the σ grid for this checkpoint, "
-                                       "sampler and --nfe against an rk45 reference; store it beside the checkpoint "
-                                       "(CKPT.schedules.safetensors) and sample with it. Later: --schedule tuned."),
-    tune_draws: int = typer.Option(128, "--tune-draws", help="Noise draws the schedule is tuned on."),
+    tune_schedule: bool = typer.Option(False, "--tune-schedule", help="Learn the σ grid and step coefficients of "
+                                       "this sampler for this checkpoint and --nfe against an rk45 reference (BNS-style "
+                                       "solver, diffcli.tuning); store them beside the checkpoint "
+                                       "(CKPT.schedules.safetensors) and sample with them. Later: --schedule tuned."),
+    tune_draws: int = typer.Option(512, "--tune-draws", help="Noise draws the solver is tuned on (¼ held out)."),
+    tune_iters: int = typer.Option(200, "--tune-iters", help="Adam iterations of --tune-schedule."),
 ) -> None:
     """Sample images from a checkpoint into a sample folder (grid.png, images/, sample.json).
 
@@ -230,7 +232,8 @@ def sample(
     if s.schedule == "tuned":
         from .generate import resolve_tuned_schedule
 
-        resolve_tuned_schedule(ck, s, dev, tune=tune_schedule, draws=tune_draws, log=_console().print)
+        resolve_tuned_schedule(ck, s, dev, tune=tune_schedule, draws=tune_draws, iters=tune_iters,
+                               log=_console().print)
     from .generate import generate_sharded
 
     result = generate_sharded(ck.denoiser, ck.channels, ck.resolution, s, device=dev, world=world, classifier=clf)

@@ -36,6 +36,7 @@ class SampleSettings:
     rho: float = 7.0
     options: dict = field(default_factory=dict)
     sigmas: list[float] | None = None  # an explicit grid (e.g. a tuned one); overrides schedule and steps
+    coefficients: dict | None = None  # a tuned solver's {"a": [...], "B": [[...]]} on `sigmas` (diffcli.tuning)
     cfg_interval: tuple[float, float] | None = None  # apply CFG only for σ in [lo, hi]
     classifier: str | None = None  # classifier-guidance checkpoint (recorded; the engine gets the model)
     classifier_scale: float = 0.0
@@ -152,18 +153,22 @@ def _valid_grid(text, source="checkpoint") -> list[float]:
 
 
 def resolve_tuned_schedule(ck: LoadedCheckpoint, s: SampleSettings, device: torch.device, *, tune: bool = False,
-                           draws: int = 128, log=print) -> None:
-    """`--schedule tuned`: put the tuned grid for (sampler, steps) into `s.sigmas`; with `tune`, first optimise it
-    against an rk45 reference (diffcli.samplers.tune_schedule) and store it in the sidecar file beside the
-    checkpoint (the checkpoint itself is never rewritten)."""
-    from .samplers import load_tuned_schedule, save_tuned_schedule, tune_schedule, tuned_keys, tuned_schedule_path
+                           draws: int = 512, iters: int = 200, log=print) -> None:
+    """`--schedule tuned`: put the tuned grid (and a learned solver's coefficients, if stored) for (sampler, steps)
+    into `s.sigmas` / `s.coefficients`; with `tune`, first learn them against an rk45 reference
+    (diffcli.tuning.tune_solver: the grid and the step coefficients, BNS-style) and store them in the sidecar file
+    beside the checkpoint (the checkpoint itself is never rewritten). Grid-only entries of older files still load."""
+    from .samplers import tuned_keys, tuned_schedule_path
+    from .tuning import load_tuned_solver, save_tuned_solver, tune_solver
 
     info = SAMPLER_INFO[s.sampler]
     if info.stochastic or info.adaptive:
         fixed = ", ".join(k for k, v in SAMPLER_INFO.items() if not (v.stochastic or v.adaptive))
         raise UserError(f"--schedule tuned: {s.sampler} has no fixed grid to tune; choose one of {fixed}")
-    if draws < 2:
-        raise UserError(f"--tune-draws {draws}: must be ≥ 2")
+    if draws < 8:
+        raise UserError(f"--tune-draws {draws}: must be ≥ 8")
+    if iters < 1:
+        raise UserError(f"--tune-iters {iters}: must be ≥ 1")
     path = tuned_schedule_path(ck.path)
     sha = file_hash(ck.path)
     if tune:
@@ -173,17 +178,29 @@ def resolve_tuned_schedule(ck: LoadedCheckpoint, s: SampleSettings, device: torc
         tune_s = SampleSettings(**{**asdict(s), "n": draws})
         labels = labels_for(tune_s, d.num_classes)
         bound = Conditioned(d, labels.to(device) if labels is not None else None, s.cfg, s.cfg_interval)
-        sig, before, after = tune_schedule(bound, s.sampler, s.steps, lo, hi, (ck.channels, ck.resolution,
-                                           ck.resolution), draws=draws, start=default_schedule(s.sampler, d.process),
-                                           options=s.options, device=device, log=log)
-        save_tuned_schedule(path, s.sampler, sig, {"checkpoint_sha256": sha, "rms_before": f"{before:.6g}",
-                                                   "rms_after": f"{after:.6g}", "draws": draws, "cfg": s.cfg})
-    sig = load_tuned_schedule(path, s.sampler, s.steps)
-    if sig is None:
+        opts = dict(s.options)
+        if s.sampler == "unipc" and s.cfg != 1.0:
+            opts.setdefault("variant", "bh2")  # as `generate` samples it
+        labels = labels.to(device) if labels is not None else None
+        solver, rec = tune_solver(bound, s.sampler, info.nfe(s.steps, **s.options), lo, hi,
+                                  (ck.channels, ck.resolution, ck.resolution), draws=draws, iters=iters,
+                                  schedule=default_schedule(s.sampler, d.process) if s.schedule in (None, "tuned")
+                                  else s.schedule, options=opts, reference_rtol=1e-5, batch_size=s.batch_size,
+                                  device=device, labels=labels,
+                                  bind=lambda lab: Conditioned(d, lab, s.cfg, s.cfg_interval), log=log)
+        save_tuned_solver(path, s.sampler, s.steps, solver,
+                          {"checkpoint_sha256": sha, "rms_before": f"{rec['rms_before']:.6g}",
+                           "rms_after": f"{rec['rms_after']:.6g}", "draws": draws, "iters": iters, "cfg": s.cfg,
+                           "method": "bns"})
+    found = load_tuned_solver(path, s.sampler, s.steps)
+    if found is None:
         have = ", ".join(tuned_keys(path)) or "none"
         raise UserError(f"--schedule tuned: no tuned grid for {s.sampler} with {s.steps} steps in {path} (have: "
                         f"{have}); create one with --tune-schedule")
+    sig, solver = found
     s.sigmas = [float(v) for v in sig]
+    if solver is not None:
+        s.coefficients = {"a": solver.a.tolist(), "B": solver.B.tolist()}
 
 
 def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, device: torch.device,
@@ -225,7 +242,13 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
             if classifier is not None and s.classifier_scale > 0:
                 guided = ClassifierGuided(guided, classifier, cond, s.classifier_scale)
             counter = NFECounter(guided)
-            x0 = info.fn(counter, x, sigmas, generator=gens, **opts)
+            if s.coefficients is not None:  # a learned solver (diffcli.tuning): its own levels and coefficients
+                from .tuning import sample_linear_solver
+
+                x0 = sample_linear_solver(counter, x, sigmas, a=torch.tensor(s.coefficients["a"]),
+                                          B=torch.tensor(s.coefficients["B"]))
+            else:
+                x0 = info.fn(counter, x, sigmas, generator=gens, **opts)
             out.append(x0.float().clamp(-1, 1).cpu())
             nfe, net_evals = counter.nfe, guided.network_evaluations
             bar.advance(task, len(batch))
@@ -235,7 +258,7 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
     record = {
         "sampler": s.sampler, "schedule": schedule, "steps": len(sigmas) - 1,
         "nfe": nfe, "network_evaluations": net_evals, "sigmas": [float(v) for v in sigmas.cpu()],
-        "seconds": round(seconds, 3), "options": opts,
+        "seconds": round(seconds, 3), "options": opts, "tuned_solver": s.coefficients is not None,
         "labels": labels[idx].tolist() if labels is not None else None,
     }
     return torch.cat(out) if out else torch.empty(0, channels, resolution, resolution), record

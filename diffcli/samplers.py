@@ -663,7 +663,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {k: v.fn for k, v in SAMPLER_INFO.i
 
 
 # --- schedules --------------------------------------------------------------------------------------------
-SCHEDULES = ("karras", "logsnr", "uniform", "linear")
+SCHEDULES = ("karras", "logsnr", "logsnr_leading", "uniform", "linear")
 
 
 def get_sigmas(schedule: str, n: int, sigma_min: float, sigma_max: float, *, rho: float = 7.0,
@@ -676,6 +676,9 @@ def get_sigmas(schedule: str, n: int, sigma_min: float, sigma_max: float, *, rho
              instead of spending a network call at σmin, where D(x, σmin) ≈ x adds almost nothing (the end
              of DPM-Solver's and diffusers' "linspace" grids). `endpoint=True` keeps σmin as the last level
              (n levels from σmax to σmin): what inversion (diffcli.encode) and schedule tuning need.
+    logsnr_leading  uniform in log σ with diffusers' "leading" spacing: the n levels sit at fractions (n-1)/n … 0
+             of the log-σ range, so the first call is one log-SNR step *below* σmax (x = ε·σ_0 starts there) and
+             the last at σmin. (`logsnr` is the "trailing" one of the same family, `endpoint=True` "linspace".)
     linear   uniform in σ
     uniform  uniform in the process's own time, "trailing": the grid starts at the last time step
              (Lin et al. 2024); with n = T on a VP process it is exactly DDPM's T discrete steps
@@ -691,6 +694,8 @@ def get_sigmas(schedule: str, n: int, sigma_min: float, sigma_max: float, *, rho
     elif schedule == "logsnr":
         s = torch.linspace(math.log(sigma_max), math.log(sigma_min), n + (not endpoint), dtype=torch.float64).exp()
         s = s[:n]
+    elif schedule == "logsnr_leading":
+        s = torch.linspace(math.log(sigma_max), math.log(sigma_min), n + 1, dtype=torch.float64).exp()[1:]
     elif schedule == "linear":
         s = torch.linspace(sigma_max, sigma_min, n, dtype=torch.float64)
     elif schedule == "uniform":

@@ -1,0 +1,313 @@
+"""Model-adapted solvers: the σ grid *and* the step coefficients of a deterministic sampler, learned for one model.
+
+Every deterministic diffcli sampler (ddim/euler, heun, dpmpp_2m/3m, unipc, ipndm) is, for a fixed σ grid, a
+*linear* map of the initial state and the denoiser outputs: with D_j = D(x_j, σ_j) the j-th call,
+
+    x_i = a_i·x_0 + Σ_{j<i} B_ij·D_j   (i = 0 … n-1: the points where the denoiser is called)
+    out = a_n·x_0 + Σ_{j<n} B_nj·D_j,
+
+a "non-stationary" linear multistep solver (Shaul et al. 2024, "Bespoke Non-Stationary Solvers for Fast
+Sampling of Diffusion and Flow Models", BNS, eq. 9: each step gets its own coefficients on *all* earlier
+evaluations). `solver_coefficients` reads (a, B) off any diffcli sampler by linearity (a denoiser that ignores
+x and returns unit vectors), so a learned solver starts exactly at a good hand-made one.
+
+`tune_solver` then optimises the n-1 interior noise levels (a softmax of log-σ gaps, ends fixed) together with
+a and B by Adam on the mean squared distance of the solver's output from a tight rk45 solve of the same
+probability-flow ODE, on many noise draws (BNS and LD3 — Tong et al. 2024, "Learning to Discretize Denoising
+Diffusion ODEs" — both train on ~hundreds to thousands of reference pairs; the gradient flows through the
+denoiser calls, so it needs a differentiable denoiser: the analytic oracle, or a network). A quarter of the
+draws is held out and the iterate with the lowest held-out error is kept (early stopping), which is what keeps
+~n²/2 free coefficients from fitting the training draws' luck. With `coefficients=False` only the grid is
+learned (the sampler's own rule makes the steps): a gradient-based "Align Your Steps"-style grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .samplers import SAMPLER_INFO, _NET_DTYPE, _check_sigmas, exact_denoiser_calls, get_sigmas, sample_rk45
+
+
+@dataclass
+class LinearSolver:
+    """A non-stationary linear multistep solver: n denoiser calls at `sigmas[:-1]`, then the output.
+
+    sigmas (n+1,) float64, decreasing, ends with 0 (the call levels, then the final 0); a (n+1,) float64 with
+    a[0] = 1 (x_0 = σ_0·ε); B (n+1, n) float64, strictly lower-triangular (row i uses calls j < i)."""
+
+    sigmas: Tensor
+    a: Tensor
+    B: Tensor
+
+    @property
+    def nfe(self) -> int:
+        return len(self.sigmas) - 1
+
+    def to_tensors(self, prefix: str) -> dict[str, Tensor]:
+        return {prefix: self.sigmas.double().cpu(), prefix + "/a": self.a.double().cpu(),
+                prefix + "/B": self.B.double().cpu()}
+
+
+def run_linear_solver(denoiser, x: Tensor, solver: LinearSolver, *, callback=None) -> Tensor:
+    """Sample with a LinearSolver from x = σ_0·ε (B, C, H, W): float64 state, denoiser called in float32 (float64
+    within `exact_denoiser_calls`). Differentiable in x, the coefficients and σ when grad is enabled."""
+    sig, a, B = solver.sigmas, solver.a, solver.B
+    x0 = x.to(torch.float64)
+    dt = _NET_DTYPE[-1]
+    ds: list[Tensor] = []
+    n = len(sig) - 1
+    for i in range(n):
+        xi = a[i] * x0
+        for j, d in enumerate(ds):
+            xi = xi + B[i, j] * d
+        d = denoiser(xi.to(dt), sig[i].to(dt).expand(x0.shape[0]).contiguous()).to(torch.float64)
+        if callback is not None:
+            callback({"i": i, "sigma": sig[i], "sigma_next": sig[i + 1], "x": xi, "denoised": d, "nfe": i + 1})
+        ds.append(d)
+    out = a[n] * x0
+    for j, d in enumerate(ds):
+        out = out + B[n, j] * d
+    return out
+
+
+def _check_levels(sigmas: Tensor) -> Tensor:
+    """Call levels of a linear solver: 1-D, non-increasing (Heun calls twice at a level), positive, then a final 0."""
+    sigmas = sigmas.to(torch.float64)
+    if sigmas.ndim != 1 or len(sigmas) < 2 or float(sigmas[-1]) != 0.0 or bool((sigmas[:-1] <= 0).any()) \
+            or bool((sigmas[1:] > sigmas[:-1]).any()):
+        raise ValueError("a solver's sigmas must be 1-D, non-increasing and positive, then end with 0")
+    return sigmas
+
+
+@torch.no_grad()
+def sample_linear_solver(denoiser, x: Tensor, sigmas: Tensor, *, a: Tensor, B: Tensor, generator=None,
+                         callback=None) -> Tensor:
+    """The Sampler contract around `run_linear_solver` (BNS, Shaul et al. 2024): `sigmas` are the solver's own
+    call levels, `a`, `B` its coefficients. One denoiser call per level; deterministic."""
+    sigmas = _check_levels(sigmas.to(x.device))
+    solver = LinearSolver(sigmas, a.to(torch.float64).to(x.device), B.to(torch.float64).to(x.device))
+    if len(solver.a) != len(sigmas) or tuple(solver.B.shape) != (len(sigmas), len(sigmas) - 1):
+        raise ValueError(f"coefficients of shape {tuple(solver.a.shape)}, {tuple(solver.B.shape)} do not fit "
+                         f"{len(sigmas) - 1} calls")
+    return run_linear_solver(denoiser, x, solver, callback=callback)
+
+
+@torch.no_grad()
+def solver_coefficients(sampler: str, sigmas: Tensor, options: dict | None = None) -> LinearSolver:
+    """(a, B) of a deterministic diffcli sampler on a decreasing grid `sigmas` (ends with 0), read off by linearity:
+    the sampler is run on a state of n+1 coordinates with x_0 = e_0 and a denoiser whose j-th call returns e_{j+1}
+    whatever its input, and records where it is called. Returns the solver's call levels (the grid without the
+    levels at which the sampler never calls, e.g. none) and coefficients. Refuses samplers that are not linear."""
+    info = SAMPLER_INFO[sampler]
+    if info.stochastic or info.adaptive:
+        raise ValueError(f"{sampler}: only fixed-step deterministic samplers are linear multistep solvers")
+    sigmas = _check_sigmas(sigmas)
+    if float(sigmas[-1]) != 0.0:
+        raise ValueError("solver_coefficients needs a decreasing grid ending with 0")
+    n_calls = info.nfe(len(sigmas) - 1)
+    m = n_calls + 1
+    points: list[Tensor] = []
+    levels: list[float] = []
+
+    def probe(x: Tensor, s: Tensor) -> Tensor:
+        points.append(x.reshape(m).clone())
+        levels.append(float(s.reshape(-1)[0]))
+        e = torch.zeros(1, 1, 1, m, dtype=x.dtype)
+        e[..., len(points)] = 1.0
+        return e
+
+    x = torch.zeros(1, 1, 1, m, dtype=torch.float64)
+    x[..., 0] = 1.0
+    with exact_denoiser_calls():
+        out = info.fn(probe, x, sigmas, **(options or {}))
+    if len(points) != n_calls:
+        raise ValueError(f"{sampler}: made {len(points)} calls, expected {n_calls}")
+    rows = torch.stack(points + [out.reshape(m)])  # (n+1, m): [a | B]
+    sig = torch.tensor(levels + [0.0], dtype=torch.float64)
+    B = rows[:, 1:]
+    if bool((B.triu() != 0).any()):
+        raise ValueError(f"{sampler}: a call depends on itself or a later one; not an explicit multistep solver")
+    return LinearSolver(sig, rows[:, 0].contiguous(), B.contiguous())
+
+
+def _levels_from_theta(theta: Tensor, lo: float, hi: float) -> Tensor:
+    """(n,) call levels σ_0 = hi > … > σ_{n-1} > lo from n softmax-weighted log-σ gaps (the last gap reaches lo,
+    where the final output sits), then the final 0: (n+1,)."""
+    frac = torch.cat([theta.new_zeros(1), torch.softmax(theta, 0).cumsum(0)[:-1]])
+    s = torch.exp(math.log(hi) - frac * (math.log(hi) - math.log(lo)))
+    return torch.cat([s.new_full((1,), hi), s[1:], s.new_zeros(1)])  # σ_0 exactly hi
+
+
+def _theta_from_levels(sig: Tensor, lo: float) -> Tensor:
+    """Inverse of `_levels_from_theta` for a grid of call levels (ends with 0); gaps ≤ 0 are floored."""
+    lv = sig[:-1].log()
+    gaps = torch.cat([lv[:-1] - lv[1:], (lv[-1:] - math.log(lo))])
+    total = float(lv[0]) - math.log(lo)
+    return (gaps.clamp_min(1e-3 * total) / total).log()
+
+
+def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: float, shape: tuple[int, ...], *,
+                draws: int = 1024, seed: int = 2, schedule: str | None = None, iters: int = 400, lr: float = 0.01, lr_coef: float = 3e-4,
+                coefficients: bool = True, reference_rtol: float = 1e-7, options: dict | None = None,
+                batch_size: int | None = None, holdout: float = 0.25, device: torch.device | str = "cpu",
+                exact: bool = False, labels: Tensor | None = None, bind=None, log=None) -> tuple[LinearSolver, dict]:
+    """Learn a model-adapted solver (module docstring) starting from `sampler` on `schedule` (default: the
+    sampler's) with `nfe` denoiser calls. `denoiser(x, σ)` must be bound to its labels/guidance and differentiable
+    (torch autograd); for a conditional model give `labels` (draws,) and `bind(labels) -> denoiser` instead, and
+    each batch is bound to its draws' labels. `exact` calls it in float64 (analytic oracles). Returns (solver, info) with the RMS errors
+    on the held-out draws before and after and the iteration kept."""
+    info = SAMPLER_INFO[sampler]
+    if info.stochastic or info.adaptive:
+        raise ValueError(f"{sampler}: only fixed-step deterministic samplers have a grid to tune")
+    steps = info.steps_for_nfe(nfe)
+    if steps < 1:
+        raise ValueError(f"nfe {nfe}: too small for {sampler}")
+    if draws < 8:
+        raise ValueError(f"draws {draws}: need at least 8 (a quarter is held out)")
+    start = get_sigmas(schedule or info.default_schedule, steps, sigma_min, sigma_max)
+    init = solver_coefficients(sampler, start, options)
+    n = init.nfe
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn((draws, *shape), generator=g, dtype=torch.float64) * float(init.sigmas[0])).to(device)
+    ctx = exact_denoiser_calls if exact else _nullcontext
+
+    def den(idx):
+        return denoiser if labels is None else bind(labels[idx])
+
+    with ctx(), torch.no_grad():
+        ref = sample_rk45(den(slice(None)), x, torch.tensor([float(init.sigmas[0]), sigma_min, 0.0], dtype=torch.float64),
+                          rtol=reference_rtol, atol=reference_rtol)
+    n_hold = max(2, int(round(holdout * draws)))
+    ho, tr = torch.arange(n_hold, device=device), torch.arange(n_hold, draws, device=device)
+    x_tr, ref_tr, x_ho, ref_ho = x[n_hold:], ref[n_hold:], x[:n_hold], ref[:n_hold]
+
+    lo = min(sigma_min, float(init.sigmas[-2]) * 0.999)
+    hi = float(init.sigmas[0])
+    theta = _theta_from_levels(init.sigmas, lo).to(device).requires_grad_(n > 1)
+    # a_i relative to the exponential integrator's σ_i/σ_0 (every diffcli solver has it), so that a moves with σ
+    a_rel0 = init.a.to(device) / (init.sigmas.to(device) / hi).clamp_min(1e-300)
+    a_rel0[-1] = 0.0 if float(init.a[-1]) == 0.0 else a_rel0[-1]
+    log_a = torch.zeros(n + 1, dtype=torch.float64, device=device, requires_grad=coefficients)
+    dB = torch.zeros_like(init.B, device=device).requires_grad_(coefficients)
+    mask = torch.ones_like(init.B, device=device).tril(-1)
+    mask_a = torch.ones(n + 1, dtype=torch.float64, device=device)
+    mask_a[0] = 0.0  # x_0 = σ_0·ε as sampled
+
+    def build() -> LinearSolver:
+        sig = _levels_from_theta(theta, lo, hi) if n > 1 else init.sigmas.to(device)
+        ratio = sig / hi
+        a = a_rel0 * ratio * torch.exp(log_a * mask_a)
+        if float(init.a[-1]) == 0.0:
+            a = a * torch.cat([a.new_ones(n), a.new_zeros(1)])
+        return LinearSolver(sig, a, init.B.to(device) + dB * mask)
+
+    def rms(solver: LinearSolver, xx: Tensor, rr: Tensor) -> float:
+        with ctx(), torch.no_grad():
+            return float((run_linear_solver(den(ho), xx, solver) - rr).pow(2).mean().sqrt())
+
+    groups = [{"params": [theta], "lr": lr}, {"params": [log_a, dB], "lr": lr_coef}]
+    groups = [gr for gr in groups if all(p.requires_grad for p in gr["params"])]
+    params = [p for gr in groups for p in gr["params"]]
+    before = rms(init_dev := LinearSolver(init.sigmas.to(device), init.a.to(device), init.B.to(device)), x_ho, ref_ho)
+    best = {"e": before, "solver": init_dev, "iter": 0}
+    if not params or iters < 1:
+        return init, {"rms_before": before, "rms_after": before, "iter": 0, "draws": draws, "holdout": n_hold}
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
+    bs = batch_size or len(x_tr)
+    gb = torch.Generator().manual_seed(seed + 1)
+    check_every = max(1, iters // 40)
+    for it in range(1, iters + 1):
+        idx = torch.randperm(len(x_tr), generator=gb)[:bs].to(device) if bs < len(x_tr) else slice(None)
+        with ctx():
+            out = run_linear_solver(den(tr[idx]), x_tr[idx], build())
+            loss = (out - ref_tr[idx]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+            opt.zero_grad(set_to_none=True)
+            continue
+        opt.step()
+        sched.step()
+        if it % check_every == 0 or it == iters:
+            with torch.no_grad():
+                cand = build()
+                cand = LinearSolver(cand.sigmas.detach().clone(), cand.a.detach().clone(), cand.B.detach().clone())
+            e = rms(cand, x_ho, ref_ho)
+            if math.isfinite(e) and e < best["e"]:
+                best = {"e": e, "solver": cand, "iter": it}
+            if log is not None and it % (check_every * 10) == 0:
+                log(f"  iter {it}: train RMS {float(loss.detach().sqrt()):.4g}, held-out RMS {e:.4g}")
+    s = best["solver"]
+    out = LinearSolver(s.sigmas.cpu(), s.a.cpu(), s.B.cpu())
+    if log is not None:
+        log(f"tuned {sampler} NFE {nfe}: held-out RMS {before:.4g} → {best['e']:.4g} (iteration {best['iter']})")
+    return out, {"rms_before": before, "rms_after": best["e"], "iter": best["iter"], "draws": draws,
+                 "holdout": n_hold}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --- storage beside the checkpoint ------------------------------------------------------------------------------
+# The sidecar CKPT.schedules.safetensors (diffcli.samplers.tuned_schedule_path) holds, per key "SAMPLER/stepsN",
+# the σ grid; a learned solver adds "SAMPLER/stepsN/a" and "SAMPLER/stepsN/B". Files with grids only (older
+# diffcli) load unchanged: the sampler runs its own rule on the grid.
+def save_tuned_solver(path, sampler: str, steps: int, solver: LinearSolver, meta: dict[str, str]) -> None:
+    """Add (or replace) `sampler/steps{steps}` with the solver's levels and coefficients in `path`, atomically."""
+    from pathlib import Path
+
+    from .checkpoint import read_safetensors, save_safetensors
+
+    tensors, old_meta = read_safetensors(path) if Path(path).exists() else ({}, {})
+    key = f"{sampler}/steps{steps}"
+    for k in (key, key + "/a", key + "/B"):
+        tensors.pop(k, None)
+    old_meta = {k: v for k, v in old_meta.items() if not k.startswith(key + ":")}
+    tensors.update(solver.to_tensors(key))
+    old_meta.update({f"{key}:{k}": str(v) for k, v in meta.items()})
+    old_meta["kind"] = "schedules"
+    save_safetensors(path, tensors, old_meta)
+
+
+def load_tuned_solver(path, sampler: str, steps: int) -> tuple[Tensor, LinearSolver | None] | None:
+    """(grid, solver or None) stored for (sampler, steps) in a sidecar file; None if there is none. A grid without
+    coefficients (a tuned schedule) gives solver None. Malformed entries are a UserError naming the file."""
+    from pathlib import Path
+
+    from .checkpoint import read_safetensors
+    from .errors import UserError
+
+    if not Path(path).exists():
+        return None
+    tensors, _ = read_safetensors(path)
+    key = f"{sampler}/steps{steps}"
+    grid = tensors.get(key)
+    if grid is None:
+        return None
+    grid = grid.to(torch.float64)
+    a, B = tensors.get(key + "/a"), tensors.get(key + "/B")
+    try:
+        if a is None and B is None:
+            _check_sigmas(grid)
+            return grid, None
+        if a is None or B is None:
+            raise ValueError("has only one of its coefficient tensors")
+        solver = LinearSolver(_check_levels(grid), a.to(torch.float64), B.to(torch.float64))
+        if tuple(solver.a.shape) != (len(grid),) or tuple(solver.B.shape) != (len(grid), len(grid) - 1):
+            raise ValueError(f"coefficients {tuple(solver.a.shape)}, {tuple(solver.B.shape)} do not fit "
+                             f"{len(grid) - 1} calls")
+        if not bool(torch.isfinite(solver.a).all() and torch.isfinite(solver.B).all()):
+            raise ValueError("has non-finite coefficients")
+    except ValueError as exc:
+        raise UserError(f"{path}: entry {key} {exc}") from None
+    return grid, solver
