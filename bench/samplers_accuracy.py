@@ -27,8 +27,13 @@ Peers (bench extras only):
   ε·init_noise_sigma instead scales the start by sqrt(1+σ⁻²), ≤ 1.00008 at σ = 80.) States stay in float32 as in
   a diffusers pipeline.
 
-diffcli: every deterministic sampler on its default schedule and on logsnr, plus grids tuned by
-`diffcli.samplers.tune_schedule` on *different* noise draws (seed 1) than the evaluation draws (seed 0).
+diffcli: every deterministic sampler on its default schedule, on logsnr and on logsnr_leading (diffusers'
+"leading" spacing in log-SNR), plus
+- "tuned grid (Nelder–Mead)": `diffcli.samplers.tune_schedule` on the selection draws (seed 1);
+- "tuned solver (BNS)": `diffcli.tuning.tune_solver` — the grid and the step coefficients learned by Adam
+  (Shaul et al. 2024's non-stationary solvers) on --train-draws *training* draws (seed 2, their own rk45
+  reference at 1e-9; a quarter held out for early stopping), never on the evaluation draws;
+- "tuned grid (Adam)": the same with the sampler's own coefficients (only the grid learned).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch
 
 from diffcli.oracle import GaussianMixtureDenoiser
 from diffcli.samplers import SAMPLER_INFO, NFECounter, exact_denoiser_calls, get_sigmas, sample_rk45, tune_schedule
+from diffcli.tuning import sample_linear_solver, tune_solver
 
 SMIN, SMAX = 0.002, 80.0
 NFES = (5, 10, 20, 50)
@@ -253,6 +259,8 @@ def main() -> None:
     ap.add_argument("--select-draws", type=int, default=128, help="draws (seed 1) that pick each peer's options "
                     "and diffcli's tuned grids")
     ap.add_argument("--tune-evals", type=int, default=200)
+    ap.add_argument("--train-draws", type=int, default=4096, help="draws (seed 2) the BNS-style solvers learn on")
+    ap.add_argument("--tune-iters", type=int, default=400)
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--out", default="bench/samplers_accuracy.json")
     args = ap.parse_args()
@@ -322,18 +330,19 @@ def main() -> None:
         if info.stochastic or info.adaptive:
             continue
         default = info.default_schedule if info.default_schedule != "uniform" else "karras"
-        for sched in dict.fromkeys((default, "logsnr", "karras")):
+        for sched in dict.fromkeys((default, "logsnr", "karras", "logsnr_leading")):
             for nfe in NFES:
                 n = info.steps_for_nfe(nfe)
                 c = NFECounter(gm)
-                out = info.fn(c, x, get_sigmas(sched, n, SMIN, SMAX))
+                g = get_sigmas(sched, n, SMIN, SMAX)
+                out = info.fn(c, eps * g[0], g)  # x = ε·σ_0 (σ_0 < σmax on a leading grid, as in diffusers)
                 record("diffcli", name, sched + (" (default)" if sched == default else ""), nfe, out, c.nfe)
     for name in ("dpmpp_2m", "unipc"):  # ablation: the logsnr grid that spends its last call at σ_min
         for nfe in NFES:
             c = NFECounter(gm)
             out = SAMPLER_INFO[name].fn(c, x, get_sigmas("logsnr", nfe, SMIN, SMAX, endpoint=True))
             record("diffcli", name, "logsnr endpoint=True", nfe, out, c.nfe)
-    for name in ("dpmpp_2m", "unipc", "ipndm"):
+    for name in ("unipc",):
         for nfe in (5, 10):
             info = SAMPLER_INFO[name]
             n = info.steps_for_nfe(nfe)
@@ -341,10 +350,23 @@ def main() -> None:
                                       max_evals=args.tune_evals, start=info.default_schedule)
             c = NFECounter(gm)
             out = info.fn(c, x, sig)
-            record("diffcli", name, "tuned", nfe, out, c.nfe)
+            record("diffcli", name, "tuned grid (Nelder–Mead)", nfe, out, c.nfe)
+    tuned = []
+    for name, coefficients in (("unipc", True), ("unipc", False), ("dpmpp_2m", True)):
+        for nfe in (5, 10):
+            t0 = time.time()
+            solver, rec = tune_solver(gm, name, nfe, SMIN, SMAX, shape, draws=args.train_draws, seed=2,
+                                      schedule="logsnr", iters=args.tune_iters, coefficients=coefficients,
+                                      reference_rtol=1e-9, exact=True)
+            c = NFECounter(gm)
+            out = sample_linear_solver(c, x, solver.sigmas, a=solver.a, B=solver.B)
+            label = "tuned solver (BNS)" if coefficients else "tuned grid (Adam)"
+            record("diffcli", name, label, nfe, out, c.nfe)
+            tuned.append({"sampler": name, "label": label, "nfe": nfe, "seconds": round(time.time() - t0, 1),
+                          "sigmas": solver.sigmas.tolist(), **rec})
     options_tried = {label: sorted({_label(o) for o in grid}) for label, (_, _, grid) in DIFFUSERS.items()}
     with open(args.out, "w") as f:
-        json.dump({"rows": rows, "diffusers_options_tried": options_tried, "diffusers_sweep": sweep}, f, indent=0)
+        json.dump({"rows": rows, "tuned": tuned, "diffusers_options_tried": options_tried, "diffusers_sweep": sweep}, f, indent=0)
 
 
 if __name__ == "__main__":
