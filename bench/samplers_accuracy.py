@@ -352,15 +352,17 @@ def main() -> None:
             out = info.fn(c, x, sig)
             record("diffcli", name, "tuned grid (Nelder–Mead)", nfe, out, c.nfe)
     tuned = []
-    for name, coefficients in (("unipc", True), ("unipc", False), ("dpmpp_2m", True)):
+    for name, coefficients, draws in (("unipc", True, args.train_draws), ("unipc", False, args.train_draws),
+                                      ("dpmpp_2m", True, args.train_draws), ("unipc", True, 2 * args.train_draws)):
         for nfe in (5, 10):
             t0 = time.time()
-            solver, rec = tune_solver(gm, name, nfe, SMIN, SMAX, shape, draws=args.train_draws, seed=2,
+            solver, rec = tune_solver(gm, name, nfe, SMIN, SMAX, shape, draws=draws, seed=2,
                                       schedule="logsnr", iters=args.tune_iters, coefficients=coefficients,
                                       reference_rtol=1e-9, exact=True)
             c = NFECounter(gm)
             out = sample_linear_solver(c, x, solver.sigmas, a=solver.a, B=solver.B)
-            label = "tuned solver (BNS)" if coefficients else "tuned grid (Adam)"
+            label = ("tuned solver (BNS)" if coefficients else "tuned grid (Adam)") + (
+                f", {draws} draws" if draws != args.train_draws else "")
             record("diffcli", name, label, nfe, out, c.nfe)
             tuned.append({"sampler": name, "label": label, "nfe": nfe, "seconds": round(time.time() - t0, 1),
                           "sigmas": solver.sigmas.tolist(), **rec})

@@ -221,6 +221,8 @@ def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: f
     bs = batch_size or len(x_tr)
     gb = torch.Generator().manual_seed(seed + 1)
     check_every = max(1, iters // 40)
+    best_params = [p.detach().clone() for p in params]
+    rollbacks = 0
     for it in range(1, iters + 1):
         idx = torch.randperm(len(x_tr), generator=gb)[:bs].to(device) if bs < len(x_tr) else slice(None)
         with ctx():
@@ -240,6 +242,18 @@ def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: f
             e = rms(cand, x_ho, ref_ho)
             if math.isfinite(e) and e < best["e"]:
                 best = {"e": e, "solver": cand, "iter": it}
+                best_params = [p.detach().clone() for p in params]
+            elif not math.isfinite(e) or e > 1.25 * best["e"]:
+                # a step threw some draws onto other mixture components (the loss is not smooth there): go back
+                # to the best iterate with half the step size and a fresh Adam state
+                with torch.no_grad():
+                    for p, b in zip(params, best_params):
+                        p.copy_(b)
+                opt.state.clear()
+                sched.base_lrs = [lr_ * 0.5 for lr_ in sched.base_lrs]
+                for gr in opt.param_groups:
+                    gr["lr"] *= 0.5
+                rollbacks += 1
             if log is not None and it % (check_every * 10) == 0:
                 log(f"  iter {it}: train RMS {float(loss.detach().sqrt()):.4g}, held-out RMS {e:.4g}")
     s = best["solver"]
@@ -247,7 +261,7 @@ def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: f
     if log is not None:
         log(f"tuned {sampler} NFE {nfe}: held-out RMS {before:.4g} → {best['e']:.4g} (iteration {best['iter']})")
     return out, {"rms_before": before, "rms_after": best["e"], "iter": best["iter"], "draws": draws,
-                 "holdout": n_hold}
+                 "holdout": n_hold, "rollbacks": rollbacks}
 
 
 class _nullcontext:
