@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -122,6 +122,14 @@ class TrainConfig(_Strict):
         return self
 
 
+def _known_schedule(name: Optional[str]) -> Optional[str]:
+    from .samplers import SCHEDULES  # lazy: recipes stay importable without torch
+
+    if name is not None and name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    return name
+
+
 class SampleConfig(_Strict):
     sampler: str = "ddim"
     schedule: Optional[str] = None
@@ -131,6 +139,9 @@ class SampleConfig(_Strict):
     n: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=1)
     seed: int = Field(0, ge=0)
+
+    # not "tuned": a tuned solver belongs to one checkpoint (`diffcli sample CKPT --schedule tuned`)
+    _schedule = field_validator("schedule")(lambda cls, v: _known_schedule(v))
 
 
 class Recipe(_Strict):
@@ -240,11 +251,13 @@ class ProgressiveConfig(_Strict):
     """Salimans & Ho 2022: halving rounds from teacher_steps down to target_steps (train.max_steps in total)."""
     teacher_steps: int = Field(64, ge=2, le=4096, description="DDIM steps of the first teacher")
     target_steps: int = Field(1, ge=1, description="steps of the last student; teacher_steps / 2^k")
-    schedule: Literal["karras", "logsnr", "uniform", "linear"] = "karras"
+    schedule: str = Field("karras", description="σ grid of the DDIM teacher (diffcli.samplers.SCHEDULES)")
     parameterization: Literal["teacher", "x0", "v"] = "teacher"
     w_min: Optional[float] = Field(None, ge=0, description="guidance-distilled teacher (Meng et al. 2023, stage "
                                    "two): lowest CFG scale w drawn; default the teacher's own range")
     w_max: Optional[float] = Field(None, ge=0, description="guidance-distilled teacher: highest w drawn")
+
+    _schedule = field_validator("schedule")(lambda cls, v: _known_schedule(v))
 
     @model_validator(mode="after")
     def _halving(self) -> "ProgressiveConfig":

@@ -244,16 +244,22 @@ def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, call
 
 
 @torch.no_grad()
-def sample_dpmpp_3m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Tensor:
+def sample_dpmpp_3m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None,
+                    lower_order_final: bool = True) -> Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022; the third-order multistep update of the DPM-Solver reference code):
     with r0 = h_{i-1}/h, r1 = h_{i-2}/h, D1_0 = (D_i - D_{i-1})/r0, D1_1 = (D_{i-1} - D_{i-2})/r1,
         D1 = D1_0 + r0/(r0+r1)·(D1_0 - D1_1),   D2 = (D1_0 - D1_1)/(r0+r1),
         x' = (σ'/σ)x - φ1·D_i + φ2·D1 - φ3·D2,   φ1 = expm1(-h), φ2 = φ1/h + 1, φ3 = φ2/h - 1/2.
-    Orders 1 and 2 on the first two steps. One denoiser call per step; deterministic; runs on increasing grids."""
+    Orders 1 and 2 (the 2M update of sample_dpmpp_2m) on the first two steps. `lower_order_final` (the DPM-Solver++ paper's trick for < 15 steps):
+    on a grid ending at σ = 0 with fewer than 15 steps, the step before the final denoise runs at order 2 —
+    the log-SNR steps there are the longest, where the third-order extrapolation of D is least stable.
+    One denoiser call per step; deterministic; runs on increasing grids (where the option has no effect)."""
     sigmas = _check_sigmas(sigmas.to(x.device))
     x = x.to(torch.float64)
     ds: list[Tensor] = []
     hs: list[float] = []
+    n_steps = len(sigmas) - 1
+    second_last = n_steps - 2 if lower_order_final and n_steps < 15 and float(sigmas[-1]) == 0 else -1
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         d = _denoise(denoiser, x, sigmas[i])
@@ -265,10 +271,10 @@ def sample_dpmpp_3m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, call
         phi1 = math.expm1(-h)
         phi2 = phi1 / h + 1
         x_new = (s_next / s) * x - phi1 * d
-        if len(ds) == 1:
-            r0 = hs[-1] / h
-            x_new = x_new + phi2 * (d - ds[-1]) / r0
-        elif len(ds) >= 2:
+        if len(ds) == 1 or (ds and i == second_last):
+            r0 = hs[-1] / h  # the order-2 steps are DPM-Solver++(2M)'s own update (Alg. 2), as in sample_dpmpp_2m
+            x_new = x_new - 0.5 * phi1 * (d - ds[-1]) / r0
+        elif ds:
             phi3 = phi2 / h - 0.5
             r0, r1 = hs[-1] / h, hs[-2] / h
             d1_0, d1_1 = (d - ds[-1]) / r0, (ds[-1] - ds[-2]) / r1
@@ -663,7 +669,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {k: v.fn for k, v in SAMPLER_INFO.i
 
 
 # --- schedules --------------------------------------------------------------------------------------------
-SCHEDULES = ("karras", "logsnr", "logsnr_leading", "uniform", "linear")
+SCHEDULES = ("karras", "logsnr", "logsnr_leading", "logsnr_linspace", "uniform", "linear")
 
 
 def get_sigmas(schedule: str, n: int, sigma_min: float, sigma_max: float, *, rho: float = 7.0,
@@ -678,7 +684,9 @@ def get_sigmas(schedule: str, n: int, sigma_min: float, sigma_max: float, *, rho
              (n levels from σmax to σmin): what inversion (diffcli.encode) and schedule tuning need.
     logsnr_leading  uniform in log σ with diffusers' "leading" spacing: the n levels sit at fractions (n-1)/n … 0
              of the log-σ range, so the first call is one log-SNR step *below* σmax (x = ε·σ_0 starts there) and
-             the last at σmin. (`logsnr` is the "trailing" one of the same family, `endpoint=True` "linspace".)
+             the last at σmin. (`logsnr` is the "trailing" one of the same family.)
+    logsnr_linspace  `logsnr` with endpoint=True: n levels uniform in log σ from σmax to σmin, both included —
+             diffusers' "linspace" spacing on a log-SNR-uniform table (DDIM with set_alpha_to_one).
     linear   uniform in σ
     uniform  uniform in the process's own time, "trailing": the grid starts at the last time step
              (Lin et al. 2024); with n = T on a VP process it is exactly DDPM's T discrete steps
@@ -694,6 +702,8 @@ def get_sigmas(schedule: str, n: int, sigma_min: float, sigma_max: float, *, rho
     elif schedule == "logsnr":
         s = torch.linspace(math.log(sigma_max), math.log(sigma_min), n + (not endpoint), dtype=torch.float64).exp()
         s = s[:n]
+    elif schedule == "logsnr_linspace":
+        s = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
     elif schedule == "logsnr_leading":
         s = torch.linspace(math.log(sigma_max), math.log(sigma_min), n + 1, dtype=torch.float64).exp()[1:]
     elif schedule == "linear":

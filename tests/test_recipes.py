@@ -31,6 +31,8 @@ def _err(data: dict) -> str:
     ({"model": {"channel_mult": [1, 2, 2, 2, 2]}}, ["channel_mult", "16"]),
     ({"model": {"dropout": 1.5}}, ["model.dropout", "1.5"]),
     ({"data": {"name": "imagefolder"}}, ["data.path"]),
+    ({"sample": {"schedule": "karas"}}, ["sample.schedule", "'karas'", "logsnr_linspace"]),
+    ({"sample": {"schedule": "tuned"}}, ["sample.schedule", "'tuned'"]),  # tuned solvers belong to a checkpoint
 ])
 def test_errors_name_field_and_value(data, needles):
     msg = _err(data)
