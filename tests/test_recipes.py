@@ -77,3 +77,12 @@ def test_bad_files(tmp_path):
 @pytest.mark.parametrize("name", ["digits", "mnist", "cifar10", "celeba64"])
 def test_shipped_recipes_validate(name):
     load_recipe(f"recipes/{name}.toml")
+
+
+@pytest.mark.parametrize("name", ["digits-progressive", "digits-progressive-full", "digits-consistency",
+                                  "digits-guidance", "digits-reflow"])
+def test_shipped_distill_recipes_validate(name):
+    from diffcli.recipes import load_distill_recipe
+
+    r = load_distill_recipe(f"recipes/{name}.toml")
+    assert r.method == name.split("-")[1]
