@@ -27,8 +27,9 @@ Peers (bench extras only):
   ε·init_noise_sigma instead scales the start by sqrt(1+σ⁻²), ≤ 1.00008 at σ = 80.) States stay in float32 as in
   a diffusers pipeline.
 
-diffcli: every deterministic sampler on its default schedule, on logsnr and on logsnr_leading (diffusers'
-"leading" spacing in log-SNR), plus
+diffcli: every deterministic sampler on its default schedule, on logsnr, karras, logsnr_leading, logsnr_leading_ms and
+logsnr_linspace (diffusers' "leading" spacings of DDIM and of its multistep schedulers, and "linspace", in log-SNR),
+dpmpp_3m without lower_order_final, plus
 - "tuned grid (Nelder–Mead)": `diffcli.samplers.tune_schedule` on the selection draws (seed 1);
 - "tuned solver (BNS)": `diffcli.tuning.tune_solver` — the grid and the step coefficients learned by Adam
   (Shaul et al. 2024's non-stationary solvers) on --train-draws *training* draws (seed 2, their own rk45
@@ -330,18 +331,18 @@ def main() -> None:
         if info.stochastic or info.adaptive:
             continue
         default = info.default_schedule if info.default_schedule != "uniform" else "karras"
-        for sched in dict.fromkeys((default, "logsnr", "karras", "logsnr_leading")):
+        for sched in dict.fromkeys((default, "logsnr", "karras", "logsnr_leading", "logsnr_leading_ms", "logsnr_linspace")):
             for nfe in NFES:
                 n = info.steps_for_nfe(nfe)
                 c = NFECounter(gm)
                 g = get_sigmas(sched, n, SMIN, SMAX)
                 out = info.fn(c, eps * g[0], g)  # x = ε·σ_0 (σ_0 < σmax on a leading grid, as in diffusers)
                 record("diffcli", name, sched + (" (default)" if sched == default else ""), nfe, out, c.nfe)
-    for name in ("dpmpp_2m", "unipc"):  # ablation: the logsnr grid that spends its last call at σ_min
-        for nfe in NFES:
-            c = NFECounter(gm)
-            out = SAMPLER_INFO[name].fn(c, x, get_sigmas("logsnr", nfe, SMIN, SMAX, endpoint=True))
-            record("diffcli", name, "logsnr endpoint=True", nfe, out, c.nfe)
+    # ablation: dpmpp_3m without lower_order_final (the step before the final denoise at order 3)
+    for nfe in NFES:
+        c = NFECounter(gm)
+        out = SAMPLER_INFO["dpmpp_3m"].fn(c, x, get_sigmas("logsnr", nfe, SMIN, SMAX), lower_order_final=False)
+        record("diffcli", "dpmpp_3m", "logsnr, lower_order_final=False", nfe, out, c.nfe)
     for name in ("unipc",):
         for nfe in (5, 10):
             info = SAMPLER_INFO[name]

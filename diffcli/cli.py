@@ -122,7 +122,7 @@ def sample(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name (see --list) [default: recipe]."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: recipe]."),
     nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser-call budget; chooses --steps to fit."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="karras | logsnr | logsnr_leading | logsnr_linspace | uniform | linear | tuned."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="karras | logsnr | logsnr_leading | logsnr_leading_ms | logsnr_linspace | uniform | linear | tuned."),
     eta: Optional[float] = typer.Option(None, "--eta", help="Stochasticity η in [0, 1] (ddim, euler_ancestral, dpmpp_2m_sde)."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale (1 = none)."),
     class_id: Optional[int] = typer.Option(None, "--class", help="Class id for every image [default: cycle]."),

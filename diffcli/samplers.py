@@ -669,7 +669,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {k: v.fn for k, v in SAMPLER_INFO.i
 
 
 # --- schedules --------------------------------------------------------------------------------------------
-SCHEDULES = ("karras", "logsnr", "logsnr_leading", "logsnr_linspace", "uniform", "linear")
+SCHEDULES = ("karras", "logsnr", "logsnr_leading", "logsnr_leading_ms", "logsnr_linspace", "uniform", "linear")
 
 
 def get_sigmas(schedule: str, n: int, sigma_min: float, sigma_max: float, *, rho: float = 7.0,
@@ -685,6 +685,10 @@ def get_sigmas(schedule: str, n: int, sigma_min: float, sigma_max: float, *, rho
     logsnr_leading  uniform in log σ with diffusers' "leading" spacing: the n levels sit at fractions (n-1)/n … 0
              of the log-σ range, so the first call is one log-SNR step *below* σmax (x = ε·σ_0 starts there) and
              the last at σmin. (`logsnr` is the "trailing" one of the same family.)
+    logsnr_leading_ms  the "leading" spacing of diffusers' multistep schedulers (DPM-Solver++, UniPC, DEIS: step
+             ratio T//(n+1), the level at σmin dropped) in log σ: n+2 levels from σmax to σmin, calls on the n
+             between them — one log-SNR step below σmax down to one step above σmin — and, as in `logsnr`, no
+             call at σmin: the last denoise spans the last step.
     logsnr_linspace  `logsnr` with endpoint=True: n levels uniform in log σ from σmax to σmin, both included —
              diffusers' "linspace" spacing on a log-SNR-uniform table (DDIM with set_alpha_to_one).
     linear   uniform in σ
@@ -704,6 +708,8 @@ def get_sigmas(schedule: str, n: int, sigma_min: float, sigma_max: float, *, rho
         s = s[:n]
     elif schedule == "logsnr_linspace":
         s = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+    elif schedule == "logsnr_leading_ms":
+        s = torch.linspace(math.log(sigma_max), math.log(sigma_min), n + 2, dtype=torch.float64).exp()[1:n + 1]
     elif schedule == "logsnr_leading":
         s = torch.linspace(math.log(sigma_max), math.log(sigma_min), n + 1, dtype=torch.float64).exp()[1:]
     elif schedule == "linear":

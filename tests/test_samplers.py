@@ -289,9 +289,12 @@ def test_dpmpp_3m_lower_order_final_pays_off_at_few_steps():
 def test_logsnr_family_spacings():
     """logsnr ("trailing"), logsnr_leading and logsnr_linspace are one log-uniform family with different ends."""
     lo, hi = 0.002, 80.0
-    trailing, leading, linspace = (get_sigmas(s, 10, lo, hi) for s in ("logsnr", "logsnr_leading", "logsnr_linspace"))
+    trailing, leading, leading_ms, linspace = (get_sigmas(s, 10, lo, hi) for s in (
+        "logsnr", "logsnr_leading", "logsnr_leading_ms", "logsnr_linspace"))
     assert torch.equal(linspace, get_sigmas("logsnr", 10, lo, hi, endpoint=True))
-    for g in (trailing, leading, linspace):
+    step = math.log(hi / lo) / 11  # leading_ms: 11 log-SNR steps, calls on the 10 interior levels
+    assert float(leading_ms[0]) == pytest.approx(hi * math.exp(-step)) and float(leading_ms[-2]) == pytest.approx(lo * math.exp(step))
+    for g in (trailing, leading, leading_ms, linspace):
         assert len(g) == 11 and g[-1] == 0
         gaps = g[:-1].log().diff()
         assert torch.allclose(gaps, gaps[0].expand_as(gaps))
