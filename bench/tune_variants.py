@@ -1,0 +1,45 @@
+"""BNS-style learned solvers (diffcli.tuning.tune_solver) from other starts than the sampler benchmark's, scored
+on the same 512 evaluation draws and rk45 reference as bench/samplers_accuracy.py.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/tune_variants.py SAMPLER:SCHEDULE:NFE[:iters=N][:draws=N][:seed=N] ...
+
+Each spec learns on `draws` training draws (default 4096, seed 2, a quarter held out) for `iters` Adam iterations
+(default 400) and prints the evaluation-draw RMS with the tuner's record.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from diffcli.oracle import GaussianMixtureDenoiser
+from diffcli.samplers import NFECounter, exact_denoiser_calls, get_sigmas, sample_rk45
+from diffcli.tuning import sample_linear_solver, tune_solver
+
+SMIN, SMAX = 0.002, 80.0
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    gm = GaussianMixtureDenoiser.random(k=32, shape=(1, 8, 8), std=0.02, seed=0)
+    eps = torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with exact_denoiser_calls():
+        ref = sample_rk45(gm, eps * SMAX, get_sigmas("karras", 2, SMIN, SMAX), rtol=1e-9, atol=1e-9)
+    for spec in sys.argv[1:]:
+        name, sched, nfe, *rest = spec.split(":")
+        kw = dict(r.split("=") for r in rest)
+        t0 = time.time()
+        solver, rec = tune_solver(gm, name, int(nfe), SMIN, SMAX, (1, 8, 8), draws=int(kw.get("draws", 4096)),
+                                  seed=int(kw.get("seed", 2)), schedule=sched, iters=int(kw.get("iters", 400)),
+                                  reference_rtol=1e-9, exact=True)
+        c = NFECounter(gm)
+        out = sample_linear_solver(c, eps * float(solver.sigmas[0]), solver.sigmas, a=solver.a, B=solver.B)
+        e = float((out.double() - ref).pow(2).mean().sqrt())
+        info = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
+        print(f"{spec}: NFE {c.nfe}, evaluation RMS {e:.4g}, {info}, {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
