@@ -461,6 +461,11 @@ def _plan(opts: EvalOptions, ck) -> list[tuple[str, int]]:
     for s in names:
         if s not in SAMPLER_INFO:
             raise UserError(f"--sampler {s!r}: unknown; choose one of {', '.join(SAMPLER_INFO)}")
+    from .samplers import SCHEDULES
+
+    if opts.schedule is not None and opts.schedule not in SCHEDULES:
+        # not "tuned" either: a tuned solver is sampled through `diffcli sample --schedule tuned` (not wired here)
+        raise UserError(f"--schedule {opts.schedule!r}: unknown for eval-fid; choose one of {', '.join(SCHEDULES)}")
     nfes = parse_int_list(opts.nfe, "--nfe")
     if nfes is not None and opts.steps is not None:
         raise UserError("give --steps or --nfe, not both")
