@@ -250,8 +250,8 @@ def sample_dpmpp_3m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, call
     with r0 = h_{i-1}/h, r1 = h_{i-2}/h, D1_0 = (D_i - D_{i-1})/r0, D1_1 = (D_{i-1} - D_{i-2})/r1,
         D1 = D1_0 + r0/(r0+r1)·(D1_0 - D1_1),   D2 = (D1_0 - D1_1)/(r0+r1),
         x' = (σ'/σ)x - φ1·D_i + φ2·D1 - φ3·D2,   φ1 = expm1(-h), φ2 = φ1/h + 1, φ3 = φ2/h - 1/2.
-    Orders 1 and 2 (the 2M update of sample_dpmpp_2m) on the first two steps. `lower_order_final` (the DPM-Solver++ paper's trick for < 15 steps):
-    on a grid ending at σ = 0 with fewer than 15 steps, the step before the final denoise runs at order 2 —
+    Orders 1 and 2 (the 2M update of sample_dpmpp_2m) on the first two steps. `lower_order_final` (the
+    DPM-Solver++ paper's trick for < 15 steps): on a grid ending at σ = 0 with fewer than 15 steps, the step before the final denoise runs at order 2 —
     the log-SNR steps there are the longest, where the third-order extrapolation of D is least stable.
     One denoiser call per step; deterministic; runs on increasing grids (where the option has no effect)."""
     sigmas = _check_sigmas(sigmas.to(x.device))
