@@ -1,10 +1,11 @@
 """BNS-style learned solvers (diffcli.tuning.tune_solver) from other starts than the sampler benchmark's, scored
 on the same 512 evaluation draws and rk45 reference as bench/samplers_accuracy.py.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/tune_variants.py SAMPLER:SCHEDULE:NFE[:iters=N][:draws=N][:seed=N] ...
+    OMP_NUM_THREADS=1 .venv/bin/python bench/tune_variants.py [--eval-draws 4096] SAMPLER:SCHEDULE:NFE[:iters=N][:draws=N][:seed=N] ...
 
 Each spec learns on `draws` training draws (default 4096, seed 2, a quarter held out) for `iters` Adam iterations
-(default 400) and prints the evaluation-draw RMS with the tuner's record.
+(default 400) and prints the evaluation-draw RMS (the first --eval-draws draws of seed 0, as the sampler
+benchmark's --draws) with the tuner's record.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ SMIN, SMAX = 0.002, 80.0
 def main() -> None:
     torch.set_num_threads(1)
     gm = GaussianMixtureDenoiser.random(k=32, shape=(1, 8, 8), std=0.02, seed=0)
-    eps = torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    args = sys.argv[1:]
+    n_eval = 4096
+    if args[:1] == ["--eval-draws"]:
+        n_eval, args = int(args[1]), args[2:]
+    eps = torch.randn(n_eval, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with exact_denoiser_calls():
         ref = sample_rk45(gm, eps * SMAX, get_sigmas("karras", 2, SMIN, SMAX), rtol=1e-9, atol=1e-9)
-    for spec in sys.argv[1:]:
+    for spec in args:
         name, sched, nfe, *rest = spec.split(":")
         kw = dict(r.split("=") for r in rest)
         t0 = time.time()

@@ -389,7 +389,9 @@ def eval_fid(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler, or a comma list for a sweep."),
     nfe: Optional[str] = typer.Option(None, "--nfe", help="Denoiser-call budget, or a comma list (5,10,20,50)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: recipe]."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Sigma schedule [default: the sampler's]."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Sigma schedule [default: the sampler's]; "
+                                           "'tuned' runs the solver `diffcli sample --tune-schedule` stored beside "
+                                           "the checkpoint for each sampler and NFE."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
     n: Optional[int] = typer.Option(None, "--n", "-n", help="Images to generate (checkpoint: 10000) or to read "
                                     "(folder: all)."),

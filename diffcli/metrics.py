@@ -461,11 +461,6 @@ def _plan(opts: EvalOptions, ck) -> list[tuple[str, int]]:
     for s in names:
         if s not in SAMPLER_INFO:
             raise UserError(f"--sampler {s!r}: unknown; choose one of {', '.join(SAMPLER_INFO)}")
-    from .samplers import SCHEDULES
-
-    if opts.schedule is not None and opts.schedule not in SCHEDULES:
-        # not "tuned" either: a tuned solver is sampled through `diffcli sample --schedule tuned` (not wired here)
-        raise UserError(f"--schedule {opts.schedule!r}: unknown for eval-fid; choose one of {', '.join(SCHEDULES)}")
     nfes = parse_int_list(opts.nfe, "--nfe")
     if nfes is not None and opts.steps is not None:
         raise UserError("give --steps or --nfe, not both")
@@ -542,6 +537,10 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
             s = SampleSettings(sampler=sampler, steps=steps, schedule=opts.schedule, cfg=opts.cfg, n=n_req,
                                batch_size=opts.batch_size, seed=opts.seed)
             validate_settings(s, ck.denoiser.num_classes)
+            if s.schedule == "tuned":  # the solver learned by `diffcli sample --tune-schedule`, from the sidecar
+                from .generate import resolve_tuned_schedule
+
+                resolve_tuned_schedule(ck, s, dev)
             p.settings.append(s)
         if len(p.settings) > 1 and opts.out is None:
             raise UserError("a sweep (several --sampler/--nfe values) writes a CSV and a plot: give --out DIR")

@@ -423,3 +423,32 @@ def test_inception_with_local_weights_file(digits_cache, tmp_path):
                                metrics="fid,kid", device="cpu")).records[0]
     assert rec["feature_dim"] == 2048 and np.isfinite(rec["metrics"]["fid"])
     assert any("rank-deficient" in x for x in rec["warnings"])
+
+
+def test_tuned_solver_evaluates_like_its_sample_folder(digits_cache, tiny_ckpt, tmp_path, capsys):
+    """`eval-fid --schedule tuned` samples the solver `diffcli sample --tune-schedule` stored beside the
+    checkpoint: the same images as `diffcli sample --schedule tuned`, so the same numbers; with no stored
+    solver for that sampler and NFE it exits 2 with one line before generating anything."""
+    import shutil
+
+    from diffcli.cli import main
+    from diffcli.metrics import EvalOptions, evaluate
+
+    ck = tmp_path / "model.safetensors"
+    shutil.copy(tiny_ckpt, ck)
+    common = ["--sampler", "unipc", "--nfe", "4", "--device", "cpu"]
+    assert main(["sample", str(ck), *common, "--n", "24", "--tune-schedule", "--tune-draws", "16",
+                 "--tune-iters", "3", "--out", str(tmp_path / "s")]) == 0
+    a = evaluate(EvalOptions(generated=ck, n=24, nfe="4", sampler="unipc", schedule="tuned", device="cpu",
+                             metrics="fid")).records[0]
+    b = evaluate(EvalOptions(generated=tmp_path / "s", device="cpu", metrics="fid")).records[0]
+    untuned = evaluate(EvalOptions(generated=ck, n=24, nfe="4", sampler="unipc", device="cpu",
+                                   metrics="fid")).records[0]
+    assert a["schedule"] == "tuned" and a["nfe"] == 4
+    assert a["metrics"]["fid"] == pytest.approx(b["metrics"]["fid"], rel=1e-9)
+    assert a["metrics"]["fid"] != untuned["metrics"]["fid"]  # the learned solver made other images
+    capsys.readouterr()
+    rc = main(["eval-fid", str(ck), "--sampler", "unipc", "--nfe", "6", "--schedule", "tuned", "--n", "8",
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --schedule tuned") and len(err.strip().splitlines()) == 1, err
