@@ -1,16 +1,16 @@
 """RMS error of each sampler's final sample against a tight reference solve, on a hard Gaussian-mixture oracle.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/samplers_accuracy.py [--draws 128] [--no-diffusers]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/samplers_accuracy.py [--draws 4096] [--no-diffusers]
 
 Oracle: D = 64 (1×8×8), 32 components, component std 0.02 (narrow), means in [-0.6, 0.6]^64, σ ∈ [0.002, 80].
-Every sampler starts from the same 512 noise draws ε (seed 0); the reference is diffcli's rk45 at rtol = atol = 1e-9
+Every sampler starts from the same 4096 noise draws ε (seed 0); the reference is diffcli's rk45 at rtol = atol = 1e-9
 with float64 denoiser calls, from x = 80·ε down to σ = 0.002, then a final denoise. Every row counts its true
 NFE with a wrapper around the oracle.
 
 Peers (bench extras only):
 - k-diffusion's euler, heun, lms, dpmpp_2m on its Karras and exponential schedules;
 - diffusers' DDIM, Euler, Heun, LMS, DEIS, UniPC, DPM-Solver++ 2M/3M (discrete-VP schedulers) and the EDM-native
-  EDMEuler / EDMDPMSolverMultistep, each swept over its spacing/σ options (see DIFFUSERS below) on 128 *other*
+  EDMEuler / EDMDPMSolverMultistep, each swept over its spacing/σ options (see DIFFUSERS below) on 512 *other*
   draws (seed 1); per scheduler and NFE the configuration best on those is run on the evaluation draws and
   reported, and every configuration tried is kept in the JSON with its selection-draw error. (The error on a
   narrow mixture is dominated by the few samples whose trajectory switches component; choosing among ~200
@@ -48,13 +48,15 @@ import warnings
 
 import numpy as np
 import torch
+from torch import Tensor
+
+from samplers_table import NFES, SAME_ALGORITHM, untuned
 
 from diffcli.oracle import GaussianMixtureDenoiser
 from diffcli.samplers import SAMPLER_INFO, NFECounter, exact_denoiser_calls, get_sigmas, sample_rk45, tune_schedule
 from diffcli.tuning import sample_linear_solver, tune_solver
 
 SMIN, SMAX = 0.002, 80.0
-NFES = (5, 10, 20, 50)
 T_TRAIN = 1000
 
 
@@ -254,11 +256,49 @@ def diffusers_peers(gm, eps_sel, rms_sel, eps, record, sweep: list) -> None:
                 record("diffusers", label, _label(best[2]), nfe, out, true_nfe)
 
 
+def ratio_intervals(rows: list[dict], per_draw_sq: list[Tensor], resamples: int, seed: int = 0) -> None:
+    """Put into every diffcli row the ratio of its RMS to the best peer's at the same NFE, and to the best
+    same-algorithm peer's, each with a paired-bootstrap 95% interval (the evaluation draws resampled with
+    replacement, the same resample for both rows). On a narrow mixture a row's RMS is carried by the few draws
+    that end on another component, so a ratio of two rows moves by several percent from one set of draws to the
+    next; the interval says which differences the draws can tell apart."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(per_draw_sq[0])
+    idx = torch.randint(0, n, (resamples, n), generator=g)
+    peers = [i for i, r in enumerate(rows) if r["family"] != "diffcli"]
+
+    def best_of(cands: list[int]) -> int | None:
+        return min(cands, key=lambda i: rows[i]["rms"]) if cands else None
+
+    def interval(i: int, j: int) -> list[float]:
+        a = per_draw_sq[i][idx].mean(1).sqrt()
+        b = per_draw_sq[j][idx].mean(1).sqrt()
+        q = torch.quantile((a / b).float(), torch.tensor([0.025, 0.975]))
+        return [round(float(v), 4) for v in q]
+
+    for i, r in enumerate(rows):
+        if r["family"] != "diffcli":
+            continue
+        same_nfe = [j for j in peers if rows[j]["nfe_budget"] == r["nfe_budget"]]
+        j = best_of(same_nfe)
+        if j is not None:
+            r["best_peer"] = f"{rows[j]['family']} {rows[j]['sampler']} {rows[j]['schedule']}"
+            r["ratio_to_best_peer"] = round(r["rms"] / rows[j]["rms"], 4)
+            r["ratio_to_best_peer_ci95"] = interval(i, j)
+        k = best_of([j for j in same_nfe if rows[j]["sampler"] in SAME_ALGORITHM.get(r["sampler"], [])])
+        if k is not None and untuned(r):
+            r["same_algorithm_peer"] = f"{rows[k]['family']} {rows[k]['sampler']} {rows[k]['schedule']}"
+            r["ratio_to_same_algorithm"] = round(r["rms"] / rows[k]["rms"], 4)
+            r["ratio_to_same_algorithm_ci95"] = interval(i, k)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--draws", type=int, default=512, help="evaluation draws (seed 0)")
-    ap.add_argument("--select-draws", type=int, default=128, help="draws (seed 1) that pick each peer's options "
+    ap.add_argument("--draws", type=int, default=4096, help="evaluation draws (seed 0)")
+    ap.add_argument("--select-draws", type=int, default=512, help="draws (seed 1) that pick each peer's options "
                     "and diffcli's tuned grids")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples of the evaluation "
+                    "draws for the 95%% intervals of the target ratios")
     ap.add_argument("--tune-evals", type=int, default=200)
     ap.add_argument("--train-draws", type=int, default=4096, help="draws (seed 2) the BNS-style solvers learn on")
     ap.add_argument("--tune-iters", type=int, default=400)
@@ -285,12 +325,14 @@ def main() -> None:
         return float((out.double() - ref_sel).pow(2).mean().sqrt())
 
     rows: list[dict] = []
+    per_draw_sq: list[Tensor] = []  # row i's per-draw mean squared error (draws,), for the paired bootstrap
 
     def record(family, name, schedule, nfe, out, true_nfe):
         # per-draw RMS: the row's RMS is carried by the few draws that end on another mixture component (error
         # ~0.5, the distance between components); the median and the count of such draws separate that from
         # the accuracy on the typical draw
         per_draw = (out.double() - ref).pow(2).flatten(1).mean(1).sqrt()
+        per_draw_sq.append(per_draw.pow(2))
         rows.append({"family": family, "sampler": name, "schedule": schedule, "nfe_budget": nfe,
                      "nfe": true_nfe, "rms": rms(out), "median_draw_rms": float(per_draw.median()),
                      "draws_off_component": int((per_draw > 0.1).sum())})
@@ -372,6 +414,7 @@ def main() -> None:
             record("diffcli", name, label, nfe, out, c.nfe)
             tuned.append({"sampler": name, "label": label, "nfe": nfe, "seconds": round(time.time() - t0, 1),
                           "sigmas": solver.sigmas.tolist(), **rec})
+    ratio_intervals(rows, per_draw_sq, args.bootstrap)
     options_tried = {label: sorted({_label(o) for o in grid}) for label, (_, _, grid) in DIFFUSERS.items()}
     with open(args.out, "w") as f:
         json.dump({"rows": rows, "tuned": tuned, "diffusers_options_tried": options_tried, "diffusers_sweep": sweep}, f, indent=0)

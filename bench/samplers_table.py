@@ -23,7 +23,12 @@ def _cell(r: dict) -> str:
     return v + (f" ({r['nfe']})" if r["nfe"] != r["nfe_budget"] else "")
 
 
-def _untuned(r: dict) -> bool:
+def _ci(r: dict, key: str) -> str:
+    """' [lo, hi]': the paired-bootstrap 95% interval of a ratio, where the JSON has one."""
+    return f" [{r[key][0]:.3f}, {r[key][1]:.3f}]" if key in r else ""
+
+
+def untuned(r: dict) -> bool:
     return "tuned" not in r["schedule"] and "lower_order_final=False" not in r["schedule"]
 
 
@@ -70,17 +75,18 @@ def main() -> None:
         parts = []
         for m in NFES:
             mine = min((r for r in rows if r["family"] == "diffcli" and r["sampler"] == name
-                        and r["nfe_budget"] == m and _untuned(r)), key=lambda r: r["rms"])
+                        and r["nfe_budget"] == m and untuned(r)), key=lambda r: r["rms"])
             theirs = min((r for r in peers if r["sampler"] in peer_names and r["nfe_budget"] == m),
                          key=lambda r: r["rms"])
-            parts.append(f"{mine['rms'] / theirs['rms']:.4f} ({mine['schedule'].replace(' (default)', '')})")
+            parts.append(f"{mine['rms'] / theirs['rms']:.4f}{_ci(mine, 'ratio_to_same_algorithm_ci95')} "
+                         f"({mine['schedule'].replace(' (default)', '')})")
         print(f"- {name}: " + " / ".join(parts))
     print("\ndiffcli rows against the best peer at the same NFE (default and tuned):")
     for r in rows:
         if r["family"] == "diffcli" and ("(default)" in r["schedule"] and r["sampler"] == "unipc"
                                          or "tuned" in r["schedule"]):
             print(f"- {r['sampler']} {r['schedule']} NFE {r['nfe_budget']}: {r['rms']:.4g} = "
-                  f"{r['rms'] / best[r['nfe_budget']]['rms']:.3f}×")
+                  f"{r['rms'] / best[r['nfe_budget']]['rms']:.3f}×{_ci(r, 'ratio_to_best_peer_ci95')}")
 
 
 if __name__ == "__main__":

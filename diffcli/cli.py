@@ -142,12 +142,15 @@ def sample(
     snr: Optional[float] = typer.Option(None, "--snr", help="pc: Langevin corrector signal-to-noise ratio in (0, 1]."),
     corrector_steps: Optional[int] = typer.Option(None, "--corrector-steps", help="pc: Langevin steps per level."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="rk45: relative (and absolute) tolerance."),
-    tune_schedule: bool = typer.Option(False, "--tune-schedule", help="Learn the σ grid and step coefficients of "
-                                       "this sampler for this checkpoint and --nfe against an rk45 reference (BNS-style "
-                                       "solver, diffcli.tuning); store them beside the checkpoint "
-                                       "(CKPT.schedules.safetensors) and sample with them. Later: --schedule tuned."),
+    tune_schedule: bool = typer.Option(False, "--tune-schedule", help="Fit this sampler's σ grid (--tune-method "
+                                       "grid) or its grid and step coefficients (bns) to this checkpoint and --nfe "
+                                       "against an rk45 reference (diffcli.tuning); store it beside the checkpoint "
+                                       "(CKPT.schedules.safetensors) and sample with it. Later: --schedule tuned."),
+    tune_method: str = typer.Option("grid", "--tune-method", help="grid: Nelder–Mead on the σ grid, forward calls "
+                                    "only | bns: grid + step coefficients by Adam (backprop through the network)."),
     tune_draws: int = typer.Option(512, "--tune-draws", help="Noise draws the solver is tuned on (¼ held out)."),
-    tune_iters: int = typer.Option(200, "--tune-iters", help="Adam iterations of --tune-schedule."),
+    tune_iters: int = typer.Option(200, "--tune-iters", help="Evaluations (grid) or Adam iterations (bns) of "
+                                   "--tune-schedule."),
 ) -> None:
     """Sample images from a checkpoint into a sample folder (grid.png, images/, sample.json).
 
@@ -233,7 +236,7 @@ def sample(
         from .generate import resolve_tuned_schedule
 
         resolve_tuned_schedule(ck, s, dev, tune=tune_schedule, draws=tune_draws, iters=tune_iters,
-                               log=_console().print)
+                               method=tune_method, log=_console().print)
     from .generate import generate_sharded
 
     result = generate_sharded(ck.denoiser, ck.channels, ck.resolution, s, device=dev, world=world, classifier=clf)

@@ -152,14 +152,19 @@ def _valid_grid(text, source="checkpoint") -> list[float]:
     return sig
 
 
+TUNE_METHODS = ("grid", "bns")
+
+
 def resolve_tuned_schedule(ck: LoadedCheckpoint, s: SampleSettings, device: torch.device, *, tune: bool = False,
-                           draws: int = 512, iters: int = 200, log=print) -> None:
+                           draws: int = 512, iters: int = 200, method: str = "grid", log=print) -> None:
     """`--schedule tuned`: put the tuned grid (and a learned solver's coefficients, if stored) for (sampler, steps)
-    into `s.sigmas` / `s.coefficients`; with `tune`, first learn them against an rk45 reference
-    (diffcli.tuning.tune_solver: the grid and the step coefficients, BNS-style) and store them in the sidecar file
-    beside the checkpoint (the checkpoint itself is never rewritten). Grid-only entries of older files still load."""
+    into `s.sigmas` / `s.coefficients`; with `tune`, first learn them against an rk45 reference and store them in
+    the sidecar file beside the checkpoint (the checkpoint itself is never rewritten). `method` "grid":
+    diffcli.tuning.tune_grid, the σ grid by Nelder–Mead on the end-point error (`iters` evaluations), the
+    sampler's own rule; "bns": diffcli.tuning.tune_solver, grid and step coefficients by Adam (`iters`
+    iterations). Grid-only entries (and those of older files) run the sampler's own rule on the stored grid."""
     from .samplers import tuned_keys, tuned_schedule_path
-    from .tuning import load_tuned_solver, save_tuned_solver, tune_solver
+    from .tuning import load_tuned_solver, save_tuned_solver, tune_grid, tune_solver
 
     info = SAMPLER_INFO[s.sampler]
     if info.stochastic or info.adaptive:
@@ -169,6 +174,8 @@ def resolve_tuned_schedule(ck: LoadedCheckpoint, s: SampleSettings, device: torc
         raise UserError(f"--tune-draws {draws}: must be ≥ 8")
     if iters < 1:
         raise UserError(f"--tune-iters {iters}: must be ≥ 1")
+    if method not in TUNE_METHODS:
+        raise UserError(f"--tune-method {method!r}: unknown; choose one of {', '.join(TUNE_METHODS)}")
     path = tuned_schedule_path(ck.path)
     sha = file_hash(ck.path)
     if tune:
@@ -182,16 +189,21 @@ def resolve_tuned_schedule(ck: LoadedCheckpoint, s: SampleSettings, device: torc
         if s.sampler == "unipc" and s.cfg != 1.0:
             opts.setdefault("variant", "bh2")  # as `generate` samples it
         labels = labels.to(device) if labels is not None else None
-        solver, rec = tune_solver(bound, s.sampler, info.nfe(s.steps, **s.options), lo, hi,
-                                  (ck.channels, ck.resolution, ck.resolution), draws=draws, iters=iters,
-                                  schedule=default_schedule(s.sampler, d.process) if s.schedule in (None, "tuned")
-                                  else s.schedule, options=opts, reference_rtol=1e-5, batch_size=s.batch_size,
-                                  device=device, labels=labels,
-                                  bind=lambda lab: Conditioned(d, lab, s.cfg, s.cfg_interval), log=log)
+        common = dict(options=opts, reference_rtol=1e-5, batch_size=s.batch_size, device=device, labels=labels,
+                      bind=lambda lab: Conditioned(d, lab, s.cfg, s.cfg_interval), log=log)
+        shape = (ck.channels, ck.resolution, ck.resolution)
+        start = None if s.schedule in (None, "tuned") else s.schedule
+        if method == "grid":
+            solver, rec = tune_grid(bound, s.sampler, info.nfe(s.steps, **s.options), lo, hi, shape, draws=draws,
+                                    evals=iters, schedule=start or "logsnr_leading_ms", **common)
+        else:
+            solver, rec = tune_solver(bound, s.sampler, info.nfe(s.steps, **s.options), lo, hi, shape, draws=draws,
+                                      iters=iters, schedule=start or default_schedule(s.sampler, d.process),
+                                      **common)
         save_tuned_solver(path, s.sampler, s.steps, solver,
                           {"checkpoint_sha256": sha, "rms_before": f"{rec['rms_before']:.6g}",
                            "rms_after": f"{rec['rms_after']:.6g}", "draws": draws, "iters": iters, "cfg": s.cfg,
-                           "method": "bns"})
+                           "method": method})
     found = load_tuned_solver(path, s.sampler, s.steps)
     if found is None:
         have = ", ".join(tuned_keys(path)) or "none"

@@ -172,27 +172,40 @@ def test_golden_numbers(name, oracle, noise):
     assert _golden_value(name, oracle, noise) == pytest.approx(GOLDEN[name], rel=1e-5)
 
 
-def test_tuned_schedule_beats_its_start_and_is_stored_beside_the_checkpoint(tmp_path):
-    from diffcli.samplers import load_tuned_schedule, save_tuned_schedule, tune_schedule, tuned_schedule_path
+def test_tuned_grid_beats_its_start_and_is_stored_beside_the_checkpoint(tmp_path):
+    from diffcli.samplers import tuned_schedule_path
+    from diffcli.tuning import load_tuned_solver, save_tuned_solver, tune_grid
 
     gm = GaussianMixtureDenoiser.random(k=8, shape=(1, 2, 2), std=0.05, seed=2)
-    sig, before, after = tune_schedule(gm, "dpmpp_2m", 6, 0.002, 80.0, (1, 2, 2), draws=32, max_evals=80)
-    assert after < 0.7 * before
+    sig, rec = tune_grid(gm, "dpmpp_2m", 6, 0.002, 80.0, (1, 2, 2), draws=128, evals=150, schedule="karras",
+                         exact=True)
+    assert rec["kept"] == "tuned" and rec["rms_after"] < 0.7 * rec["rms_before"], rec
     assert len(sig) == 7 and float(sig[0]) == 80.0 and float(sig[-1]) == 0.0 and bool((sig[1:] < sig[:-1]).all())
-    # held-out noise: the tuned grid still beats the default one
+    # other noise than it was fitted on: the tuned grid still beats its start
     x = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(99), dtype=torch.float64) * 80
     with exact_denoiser_calls():
         ref = sample_rk45(gm, x, get_sigmas("karras", 2, 0.002, 80.0), rtol=1e-9, atol=1e-9)
-    base = _rms(SAMPLERS["dpmpp_2m"](gm, x, get_sigmas("karras", 6, 0.002, 80.0)), ref)
-    assert _rms(SAMPLERS["dpmpp_2m"](gm, x, sig), ref) < base
+        base = _rms(SAMPLERS["dpmpp_2m"](gm, x, get_sigmas("karras", 6, 0.002, 80.0)), ref)
+        assert _rms(SAMPLERS["dpmpp_2m"](gm, x, sig), ref) < base
     ck = tmp_path / "model.safetensors"
     ck.write_bytes(b"not touched")
     side = tuned_schedule_path(ck)
     assert side.name == "model.schedules.safetensors"
-    save_tuned_schedule(side, "dpmpp_2m", sig, {"rms_after": after})
-    assert torch.equal(load_tuned_schedule(side, "dpmpp_2m", 6), sig)
-    assert load_tuned_schedule(side, "dpmpp_2m", 5) is None
+    save_tuned_solver(side, "dpmpp_2m", 6, sig, {"rms_after": rec["rms_after"]})
+    grid, solver = load_tuned_solver(side, "dpmpp_2m", 6)
+    assert torch.equal(grid, sig) and solver is None
+    assert load_tuned_solver(side, "dpmpp_2m", 5) is None
     assert ck.read_bytes() == b"not touched"
+
+
+def test_tuned_grid_of_one_call_is_its_start():
+    """One call level (at the fixed start σ_0) leaves nothing to move."""
+    from diffcli.tuning import tune_grid
+
+    gm = GaussianMixtureDenoiser.random(k=4, shape=(1, 2, 2), std=0.05, seed=1)
+    sig, rec = tune_grid(gm, "unipc", 1, 0.002, 80.0, (1, 2, 2), draws=32, evals=50, exact=True)
+    assert rec["kept"] == "start" and rec["evals"] == 0
+    assert torch.equal(sig, get_sigmas("logsnr_leading_ms", 1, 0.002, 80.0))
 
 
 def test_sample_cli_sampler_errors_exit_2_with_one_line(tiny_ckpt, tmp_path, capsys):

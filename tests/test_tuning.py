@@ -52,13 +52,14 @@ def test_tune_schedule_cli_stores_a_solver_and_schedule_tuned_reuses_it(tiny_ckp
     import shutil
 
     from diffcli.cli import main
-    from diffcli.samplers import save_tuned_schedule, tuned_schedule_path
+    from diffcli.samplers import tuned_schedule_path
+    from diffcli.tuning import save_tuned_solver
 
     ck = tmp_path / "model.safetensors"
     shutil.copy(tiny_ckpt, ck)
     common = ["--sampler", "unipc", "--nfe", "4", "--n", "3", "--device", "cpu"]
-    assert main(["sample", str(ck), *common, "--tune-schedule", "--tune-draws", "16", "--tune-iters", "3",
-                 "--out", str(tmp_path / "a")]) == 0
+    assert main(["sample", str(ck), *common, "--tune-schedule", "--tune-method", "bns", "--tune-draws", "16",
+                 "--tune-iters", "3", "--out", str(tmp_path / "a")]) == 0
     side = tuned_schedule_path(ck)
     grid, solver = load_tuned_solver(side, "unipc", 4)
     assert solver is not None and tuple(solver.B.shape) == (5, 4)
@@ -69,10 +70,19 @@ def test_tune_schedule_cli_stores_a_solver_and_schedule_tuned_reuses_it(tiny_ckp
     assert rec_a["sigmas"] == rec_b["sigmas"] == [float(v) for v in grid]
     assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
     # a grid-only entry (older diffcli) still loads and runs the sampler's own rule on it
-    save_tuned_schedule(side, "dpmpp_2m", get_sigmas("karras", 4, 0.002, 80.0), {"rms_after": 0.1})
+    save_tuned_solver(side, "dpmpp_2m", 4, get_sigmas("karras", 4, 0.002, 80.0), {"rms_after": 0.1})
     assert main(["sample", str(ck), "--sampler", "dpmpp_2m", "--nfe", "4", "--schedule", "tuned", "--n", "2",
                  "--device", "cpu", "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c" / "sample.json").read_text())["tuned_solver"] is False
+    # the default method fits the grid alone and replaces the learned solver stored under the same key
+    assert main(["sample", str(ck), *common, "--tune-schedule", "--tune-draws", "16", "--tune-iters", "8",
+                 "--out", str(tmp_path / "d")]) == 0
+    grid_d, solver_d = load_tuned_solver(side, "unipc", 4)
+    rec_d = json.loads((tmp_path / "d" / "sample.json").read_text())
+    assert solver_d is None and rec_d["tuned_solver"] is False and rec_d["nfe"] == 4
+    assert rec_d["sigmas"] == [float(v) for v in grid_d]
+    assert main(["sample", str(ck), *common, "--schedule", "tuned", "--out", str(tmp_path / "e")]) == 0
+    assert (tmp_path / "d" / "grid.png").read_bytes() == (tmp_path / "e" / "grid.png").read_bytes()
     capsys.readouterr()
 
 
@@ -87,6 +97,7 @@ def test_tune_schedule_bad_input_exits_2_with_one_line(tiny_ckpt, tmp_path, caps
     shutil.copy(tiny_ckpt, ck)
     base = ["sample", str(ck), "--sampler", "unipc", "--nfe", "4", "--n", "2", "--device", "cpu"]
     cases = [(["--tune-schedule", "--tune-draws", "4"], "--tune-draws"),
+             (["--tune-schedule", "--tune-method", "adam"], "--tune-method 'adam'"),
              (["--tune-schedule", "--tune-iters", "0"], "--tune-iters")]
     side = tuned_schedule_path(ck)
     for args, needle in cases:
