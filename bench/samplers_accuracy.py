@@ -30,10 +30,14 @@ Peers (bench extras only):
 diffcli: every deterministic sampler on its default schedule, on logsnr, karras, logsnr_leading, logsnr_leading_ms and
 logsnr_linspace (diffusers' "leading" spacings of DDIM and of its multistep schedulers, and "linspace", in log-SNR),
 dpmpp_3m without lower_order_final, plus
-- "tuned grid (Nelder–Mead)": `diffcli.samplers.tune_schedule` on the selection draws (seed 1);
+- "peer grid (X)": the diffcli sampler that runs peer X's algorithm on exactly the call levels X's chosen
+  configuration used (then the final denoise), in X's variant (DPM-Solver++ solver_type, UniPC B(h)), so that
+  only the implementation differs;
+- "tuned grid (Nelder–Mead)": `diffcli.tuning.tune_grid` — the sampler's σ grid fitted by Nelder–Mead on the
+  end-point RMS from `logsnr_leading_ms` on --train-draws training draws (seed 2, their own rk45 reference at
+  1e-9, a quarter held out), never on the evaluation draws;
 - "tuned solver (BNS)": `diffcli.tuning.tune_solver` — the grid and the step coefficients learned by Adam
-  (Shaul et al. 2024's non-stationary solvers) on --train-draws *training* draws (seed 2, their own rk45
-  reference at 1e-9; a quarter held out for early stopping), never on the evaluation draws;
+  (Shaul et al. 2024's non-stationary solvers) on the same training draws, never on the evaluation draws;
 - "tuned grid (Adam)": the same with the sampler's own coefficients (only the grid learned).
 """
 
@@ -53,8 +57,8 @@ from torch import Tensor
 from samplers_table import NFES, SAME_ALGORITHM, untuned
 
 from diffcli.oracle import GaussianMixtureDenoiser
-from diffcli.samplers import SAMPLER_INFO, NFECounter, exact_denoiser_calls, get_sigmas, sample_rk45, tune_schedule
-from diffcli.tuning import sample_linear_solver, tune_solver
+from diffcli.samplers import SAMPLER_INFO, NFECounter, exact_denoiser_calls, get_sigmas, sample_rk45
+from diffcli.tuning import sample_linear_solver, tune_grid, tune_solver
 
 SMIN, SMAX = 0.002, 80.0
 T_TRAIN = 1000
@@ -117,11 +121,16 @@ DIFFUSERS = {
 }
 
 
+# diffusers scheduler → the diffcli sampler that runs the same algorithm
+PEER_SAMPLER = {peer: name for name, peers in SAME_ALGORITHM.items() for peer in peers if peer in DIFFUSERS}
+
+
 class _DiffusersNet:
     """The oracle as the network a diffusers user would call: model(scaled_input, t) → ε, x0 or EDM's F."""
 
     def __init__(self, gm, sched, kind: str, prediction: str) -> None:
         self.gm, self.kind, self.prediction, self.nfe = gm, kind, prediction, 0
+        self.called: list[float] = []  # σ of every call, in order: the grid the scheduler ran on
         if kind != "edm":
             abar = sched.alphas_cumprod.to(torch.float64)
             self.log_sigma = ((1 - abar) / abar).sqrt().log().numpy()
@@ -137,6 +146,7 @@ class _DiffusersNet:
     def __call__(self, inp: torch.Tensor, t) -> torch.Tensor:
         self.nfe += 1
         s = self.sigma_of(t)
+        self.called.append(s)
         inp = inp.to(torch.float64)
         if self.kind == "edm":
             sd = self.sigma_data
@@ -173,8 +183,9 @@ def _first_last_sigma(s, net, kind: str) -> tuple[float, float]:
     return net.sigma_of(s.timesteps[0]), math.sqrt((1 - a_end) / a_end)
 
 
-def run_diffusers(cls, kind: str, opts: dict, gm, eps: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
-    """Sample with a diffusers scheduler from the noise draws eps; returns (final x0 in VE units, true NFE)."""
+def run_diffusers(cls, kind: str, opts: dict, gm, eps: torch.Tensor, steps: int) -> tuple[torch.Tensor, int, list]:
+    """Sample with a diffusers scheduler from the noise draws eps; returns (final x0 in VE units, true NFE, the σ of
+    every model call in order)."""
     s = _make(cls, kind, opts)
     s.set_timesteps(steps)
     net = _DiffusersNet(gm, s, kind, opts.get("prediction_type", "epsilon"))
@@ -188,7 +199,7 @@ def run_diffusers(cls, kind: str, opts: dict, gm, eps: torch.Tensor, steps: int)
     x = x.to(torch.float64)
     if kind == "vp":
         x = x * math.sqrt(1 + s_last**2)
-    return x, net.nfe
+    return x, net.nfe, net.called
 
 
 def _label(opts: dict) -> str:
@@ -207,7 +218,7 @@ def _label(opts: dict) -> str:
     return ",".join(parts)
 
 
-def diffusers_peers(gm, eps_sel, rms_sel, eps, record, sweep: list) -> None:
+def diffusers_peers(gm, eps_sel, rms_sel, eps, record, sweep: list, grids: list) -> None:
     """Sweep every scheduler's options on the *selection* draws (eps_sel, scored by rms_sel); the configuration
     that wins there is then run on the evaluation draws `eps` and recorded. Choosing on the draws a row is
     scored on would let the luck of which few samples switch mixture component pick the winner."""
@@ -237,7 +248,7 @@ def diffusers_peers(gm, eps_sel, rms_sel, eps, record, sweep: list) -> None:
                         if key in seen:  # same grid and solver as a configuration already run
                             continue
                         seen.add(key)
-                        out, true_nfe = run_diffusers(cls, kind, opts, gm, eps_sel, n)
+                        out, true_nfe, _ = run_diffusers(cls, kind, opts, gm, eps_sel, n)
                     e = rms_sel(out)
                 except Exception as exc:  # an option combination diffusers refuses
                     sweep.append({"scheduler": label, "nfe_budget": nfe, "config": _label(opts),
@@ -252,8 +263,9 @@ def diffusers_peers(gm, eps_sel, rms_sel, eps, record, sweep: list) -> None:
             if best is not None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    out, true_nfe = run_diffusers(cls, kind, best[2], gm, eps, best[1])
+                    out, true_nfe, called = run_diffusers(cls, kind, best[2], gm, eps, best[1])
                 record("diffusers", label, _label(best[2]), nfe, out, true_nfe)
+                grids.append((label, nfe, called, best[2]))
 
 
 def ratio_intervals(rows: list[dict], per_draw_sq: list[Tensor], resamples: int, seed: int = 0) -> None:
@@ -299,8 +311,9 @@ def main() -> None:
                     "and diffcli's tuned grids")
     ap.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples of the evaluation "
                     "draws for the 95%% intervals of the target ratios")
-    ap.add_argument("--tune-evals", type=int, default=200)
-    ap.add_argument("--train-draws", type=int, default=4096, help="draws (seed 2) the BNS-style solvers learn on")
+    ap.add_argument("--tune-evals", type=int, default=300, help="Nelder–Mead evaluations of the tuned grids")
+    ap.add_argument("--train-draws", type=int, default=4096, help="draws (seed 2) the tuned grids and BNS-style "
+                    "solvers learn on (a quarter held out)")
     ap.add_argument("--tune-iters", type=int, default=400)
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--out", default="bench/samplers_accuracy.json")
@@ -368,9 +381,10 @@ def main() -> None:
 
     # --- diffusers --------------------------------------------------------------------------------------------
     sweep: list[dict] = []
+    peer_grids: list[tuple[str, int, list, dict]] = []
     if not args.no_diffusers:
         t0 = time.time()
-        diffusers_peers(gm, eps_sel, rms_sel, eps, record, sweep)
+        diffusers_peers(gm, eps_sel, rms_sel, eps, record, sweep, peer_grids)
         print(f"diffusers sweep: {len(sweep)} runs in {time.time() - t0:.0f} s")
 
     # --- diffcli ----------------------------------------------------------------------------------------------
@@ -385,32 +399,47 @@ def main() -> None:
                 g = get_sigmas(sched, n, SMIN, SMAX)
                 out = info.fn(c, eps * g[0], g)  # x = ε·σ_0 (σ_0 < σmax on a leading grid, as in diffusers)
                 record("diffcli", name, sched + (" (default)" if sched == default else ""), nfe, out, c.nfe)
+    # the same algorithm on the very grid the peer's chosen configuration ran on (its call levels, then the final
+    # denoise): what is left between the two is the implementation, not the spacing
+    for label, nfe, called, opts in peer_grids:
+        name = PEER_SAMPLER.get(label)
+        if name is None:
+            continue
+        g = torch.unique_consecutive(torch.tensor(called, dtype=torch.float64))
+        g = torch.cat([g, g.new_zeros(1)])
+        variant = {}  # the peer's form of the same method: DPM-Solver++'s solver_type, UniPC's B(h)
+        if name in ("dpmpp_2m", "dpmpp_3m"):
+            variant = {"solver_type": opts.get("solver_type", "midpoint")}
+        elif name == "unipc":
+            variant = {"variant": opts.get("solver_type", "bh2")}
+        c = NFECounter(gm)
+        out = SAMPLER_INFO[name].fn(c, eps * g[0], g, **variant)
+        record("diffcli", name, f"peer grid ({label})", nfe, out, c.nfe)
     # ablation: dpmpp_3m without lower_order_final (the step before the final denoise at order 3)
     for nfe in NFES:
         c = NFECounter(gm)
         out = SAMPLER_INFO["dpmpp_3m"].fn(c, x, get_sigmas("logsnr", nfe, SMIN, SMAX), lower_order_final=False)
         record("diffcli", "dpmpp_3m", "logsnr, lower_order_final=False", nfe, out, c.nfe)
-    for name in ("unipc",):
-        for nfe in (5, 10):
-            info = SAMPLER_INFO[name]
-            n = info.steps_for_nfe(nfe)
-            sig, _, _ = tune_schedule(gm, name, n, SMIN, SMAX, shape, draws=args.select_draws, seed=1,
-                                      max_evals=args.tune_evals, start=info.default_schedule)
-            c = NFECounter(gm)
-            out = info.fn(c, x, sig)
-            record("diffcli", name, "tuned grid (Nelder–Mead)", nfe, out, c.nfe)
     tuned = []
-    for name, coefficients, draws in (("unipc", True, args.train_draws), ("unipc", False, args.train_draws),
-                                      ("dpmpp_2m", True, args.train_draws), ("unipc", True, 2 * args.train_draws)):
+    for name in ("unipc", "dpmpp_3m", "dpmpp_2m"):
         for nfe in (5, 10):
             t0 = time.time()
-            solver, rec = tune_solver(gm, name, nfe, SMIN, SMAX, shape, draws=draws, seed=2,
+            sig, rec = tune_grid(gm, name, nfe, SMIN, SMAX, shape, draws=args.train_draws, seed=2,
+                                 evals=args.tune_evals, reference_rtol=1e-9, exact=True)
+            c = NFECounter(gm)
+            out = SAMPLER_INFO[name].fn(c, eps * sig[0], sig)
+            record("diffcli", name, "tuned grid (Nelder–Mead)", nfe, out, c.nfe)
+            tuned.append({"sampler": name, "label": "tuned grid (Nelder–Mead)", "nfe": nfe,
+                          "seconds": round(time.time() - t0, 1), "sigmas": sig.tolist(), **rec})
+    for name, coefficients in (("unipc", True), ("unipc", False), ("dpmpp_2m", True)):
+        for nfe in (5, 10):
+            t0 = time.time()
+            solver, rec = tune_solver(gm, name, nfe, SMIN, SMAX, shape, draws=args.train_draws, seed=2,
                                       schedule="logsnr", iters=args.tune_iters, coefficients=coefficients,
                                       reference_rtol=1e-9, exact=True)
             c = NFECounter(gm)
             out = sample_linear_solver(c, x, solver.sigmas, a=solver.a, B=solver.B)
-            label = ("tuned solver (BNS)" if coefficients else "tuned grid (Adam)") + (
-                f", {draws} draws" if draws != args.train_draws else "")
+            label = "tuned solver (BNS)" if coefficients else "tuned grid (Adam)"
             record("diffcli", name, label, nfe, out, c.nfe)
             tuned.append({"sampler": name, "label": label, "nfe": nfe, "seconds": round(time.time() - t0, 1),
                           "sigmas": solver.sigmas.tolist(), **rec})

@@ -218,11 +218,32 @@ def sample_euler_ancestral(denoiser, x: Tensor, sigmas: Tensor, *, generator=Non
     return x
 
 
+def _dpmpp_2m_update(x: Tensor, d: Tensor, d_prev: Tensor, s: float, s_next: float, h: float, r: float,
+                     solver_type: str) -> Tensor:
+    """One DPM-Solver++(2M) step from σ = s to s_next (h = log(s/s_next), r = h_{i-1}/h) with the first
+    difference D1 = (D_i - D_{i-1})/r: "midpoint" (Lu et al. 2022, Alg. 2) x' = (σ'/σ)x - φ1·(D_i + D1/2), or
+    "heun" (the Taylor form of the DPM-Solver code, diffusers' solver_type="heun") x' = (σ'/σ)x - φ1·D_i +
+    (φ1/h + 1)·D1, with φ1 = expm1(-h). Both are second order; they differ in the O(h³) term."""
+    phi1 = math.expm1(-h)
+    d1 = (d - d_prev) / r
+    if solver_type == "heun":
+        return (s_next / s) * x - phi1 * d + (phi1 / h + 1) * d1
+    return (s_next / s) * x - phi1 * (d + 0.5 * d1)
+
+
+def _check_solver_type(solver_type: str) -> None:
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', not {solver_type!r}")
+
+
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Tensor:
+def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None,
+                    solver_type: str = "midpoint") -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): second-order multistep exponential
     integrator in data prediction. D̂ = (1 + 1/(2r))·D_i - 1/(2r)·D_{i-1} with r = h_{i-1}/h_i; the first step
-    is DDIM. One denoiser call per step; deterministic, and runs on increasing grids (ODE inversion)."""
+    is DDIM. `solver_type` "heun" takes the other second-order form (`_dpmpp_2m_update`). One denoiser call
+    per step; deterministic, and runs on increasing grids (ODE inversion)."""
+    _check_solver_type(solver_type)
     sigmas = _check_sigmas(sigmas.to(x.device))
     x = x.to(torch.float64)
     old, h_last = None, None
@@ -234,18 +255,17 @@ def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, call
             x = d
             continue
         h = math.log(s / s_next)
-        d_hat = d
-        if old is not None:
-            r = h_last / h
-            d_hat = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * old
-        x = (s_next / s) * x - math.expm1(-h) * d_hat
+        if old is None:
+            x = (s_next / s) * x - math.expm1(-h) * d
+        else:
+            x = _dpmpp_2m_update(x, d, old, s, s_next, h, h_last / h, solver_type)
         old, h_last = d, h
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_3m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None,
-                    lower_order_final: bool = True) -> Tensor:
+                    lower_order_final: bool = True, solver_type: str = "midpoint") -> Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022; the third-order multistep update of the DPM-Solver reference code):
     with r0 = h_{i-1}/h, r1 = h_{i-2}/h, D1_0 = (D_i - D_{i-1})/r0, D1_1 = (D_{i-1} - D_{i-2})/r1,
         D1 = D1_0 + r0/(r0+r1)·(D1_0 - D1_1),   D2 = (D1_0 - D1_1)/(r0+r1),
@@ -253,7 +273,9 @@ def sample_dpmpp_3m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, call
     Orders 1 and 2 (the 2M update of sample_dpmpp_2m) on the first two steps. `lower_order_final` (the
     DPM-Solver++ paper's trick for < 15 steps): on a grid ending at σ = 0 with fewer than 15 steps, the step before the final denoise runs at order 2 —
     the log-SNR steps there are the longest, where the third-order extrapolation of D is least stable.
-    One denoiser call per step; deterministic; runs on increasing grids (where the option has no effect)."""
+    `solver_type` is that of the order-2 steps (sample_dpmpp_2m). One denoiser call per step; deterministic;
+    runs on increasing grids (where `lower_order_final` has no effect)."""
+    _check_solver_type(solver_type)
     sigmas = _check_sigmas(sigmas.to(x.device))
     x = x.to(torch.float64)
     ds: list[Tensor] = []
@@ -271,9 +293,8 @@ def sample_dpmpp_3m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, call
         phi1 = math.expm1(-h)
         phi2 = phi1 / h + 1
         x_new = (s_next / s) * x - phi1 * d
-        if len(ds) == 1 or (ds and i == second_last):
-            r0 = hs[-1] / h  # the order-2 steps are DPM-Solver++(2M)'s own update (Alg. 2), as in sample_dpmpp_2m
-            x_new = x_new - 0.5 * phi1 * (d - ds[-1]) / r0
+        if len(ds) == 1 or (ds and i == second_last):  # the order-2 steps are DPM-Solver++(2M)'s own update
+            x_new = _dpmpp_2m_update(x, d, ds[-1], s, s_next, h, hs[-1] / h, solver_type)
         elif ds:
             phi3 = phi2 / h - 0.5
             r0, r1 = hs[-1] / h, hs[-2] / h
