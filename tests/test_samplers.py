@@ -63,6 +63,25 @@ def test_ode_sampler_converges_with_its_order(name, oracle, noise, reference):
     assert min(slopes) > want - 0.35, (name, errs, slopes)
 
 
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m"])
+def test_dpmpp_heun_solver_type_is_second_order_and_another_method(name, oracle, noise, reference):
+    """solver_type="heun" (the DPM-Solver code's Taylor form of the order-2 step): the same order as the midpoint
+    form, different numbers; an unknown type is refused."""
+    errs = []
+    with exact_denoiser_calls():
+        for n in (32, 64, 128):
+            g = get_sigmas("logsnr", n, 0.002, 80.0, endpoint=True)
+            x = SAMPLERS[name](oracle, noise * 80, g, solver_type="heun")
+            errs.append(_rms(x, reference))
+        mid = SAMPLERS[name](oracle, noise * 80, get_sigmas("logsnr", 8, 0.002, 80.0))
+        heun = SAMPLERS[name](oracle, noise * 80, get_sigmas("logsnr", 8, 0.002, 80.0), solver_type="heun")
+    slopes = [math.log2(a / b) for a, b in zip(errs, errs[1:])]
+    assert min(slopes) > 2 - 0.35, (errs, slopes)
+    assert 1e-8 < _rms(mid, heun) < 0.1
+    with pytest.raises(ValueError, match="solver_type"):
+        SAMPLERS[name](oracle, noise * 80, get_sigmas("logsnr", 4, 0.002, 80.0), solver_type="taylor")
+
+
 def test_rk45_reaches_its_tolerance(oracle, noise, reference):
     c = NFECounter(oracle)
     with exact_denoiser_calls():
