@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -167,13 +168,18 @@ def sample(
 
         table = Table(title="samplers")
         for col in ("name", "order", "stochastic", "NFE for N steps", "default schedule", "what"):
-            table.add_column(col)
+            table.add_column(col, no_wrap=col != "what")
         for info in SAMPLER_INFO.values():
+            # "uniform" (the model's own time) is the default on VP and flow models; EDM and VE models, whose
+            # time is σ itself, get karras (generate.default_schedule)
+            sched = "uniform (VP, flow) / karras (EDM, VE)" if info.default_schedule == "uniform" \
+                else info.default_schedule
             table.add_row(info.name, str(info.order), "yes" if info.stochastic else "no",
-                          info.cost_text, info.default_schedule, info.description)
+                          info.cost_text, sched, info.description)
         from rich.console import Console
 
-        Console().print(table)
+        # piped or in a CI log rich would fold the table into 80 columns and cut the names: give it room
+        Console(width=None if sys.stdout.isatty() else 200).print(table)
         return
     if checkpoint is None:
         raise UserError("sample needs a CHECKPOINT (a .safetensors file)")
@@ -258,7 +264,8 @@ def sample(
 def distill(
     recipe: Optional[Path] = typer.Argument(None, help="Distillation recipe (TOML with method = …; optional with "
                                             "--resume: the run's own)."),
-    teacher: Path = typer.Option(..., "--teacher", help="The teacher: a diffcli denoiser checkpoint."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="The teacher: a diffcli denoiser checkpoint "
+                                           "(with --resume: default, the run's own)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/RECIPE_NAME)."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set train.max_steps=200."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
@@ -288,6 +295,10 @@ def distill(
         if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
             raise UserError(f"{recipe}: name = {name!r} is not a plain folder name; give --out")
         out = Path("runs") / name
+    if teacher is None:
+        teacher = _run_teacher(out) if resume else None
+        if teacher is None:
+            raise UserError("distill needs --teacher CKPT (the checkpoint to distill)")
     from .distill.common import distill as run_distill
 
     con = _console()
@@ -404,6 +415,7 @@ def eval_fid(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute reference statistics (and do not store them)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the protocol record (every field) here."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep folder: eval_fid.csv, .png and .json."),
+    force: bool = typer.Option(False, "--force", help="Replace the eval_fid.* of an earlier sweep in --out."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     nproc: int = typer.Option(1, "--nproc", help="Processes (devices) to generate on: launches torchrun."),
 ) -> None:
@@ -430,7 +442,7 @@ def eval_fid(
         generated=generated, ref=ref, ref_split=ref_split, data_root=data_root, metrics=metrics, extractor=extractor,
         inception_weights=inception_weights, sampler=sampler, nfe=nfe, steps=steps, schedule=schedule, cfg=cfg, n=n,
         seed=seed, batch_size=batch_size, resize=resize, cache=not no_cache, device=device, out=out,
-        json_path=json_path)
+        json_path=json_path, force=force)
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be ≥ 1")
     if nproc > 1:
@@ -450,6 +462,19 @@ def eval_fid(
         con.print(f"[yellow]warning:[/] {w}")
     for f in res.files:
         con.print(f"wrote {f}")
+
+
+def _run_teacher(out: Path) -> Path | None:
+    """The teacher a distill run folder records in its newest student (metadata `teacher`), for --resume."""
+    from .checkpoint import read_header
+
+    last = out / "last.safetensors"
+    if not last.is_file():
+        return None
+    path = read_header(last)[1].get("teacher")
+    if not path or not Path(path).is_file():
+        raise UserError(f"--resume {str(out)!r}: the run's teacher {path!r} is not there; give --teacher CKPT")
+    return Path(path)
 
 
 def _refuse_escaping_subfolders(out: Path, subfolders: tuple[str, ...]) -> None:
@@ -491,14 +516,16 @@ def main(argv: list[str] | None = None) -> int:
     cx = _click_exceptions()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if debug:  # a global flag, accepted anywhere: `diffcli sample --debug …` as well as `diffcli --debug sample …`
+        argv = ["--debug"] + [a for a in argv if a != "--debug"]
     try:
         rc = app(args=argv, prog_name="diffcli", standalone_mode=False)
         return rc if isinstance(rc, int) else 0
     except DiffcliError as e:
         if getattr(e, "quiet", False):  # already reported by rank 0 of this torchrun job
             return e.exit_code
-        if debug:
-            raise
+        if debug:  # the traceback, and still the exit code scripts rely on
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except cx.NoArgsIsHelpError as e:
@@ -506,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except cx.UsageError as e:
         if debug:
-            raise
+            traceback.print_exc()
         print(f"error: {e.format_message()}", file=sys.stderr)
         return 2
     except (typer.Exit, getattr(cx, "Exit", typer.Exit)) as e:
@@ -521,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # e.g. out of disk in a write no engine wrapped: a runtime failure, one line
         if debug:
-            raise
+            traceback.print_exc()
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 1

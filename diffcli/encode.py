@@ -576,13 +576,18 @@ def _record_base(ck, spec: ODESpec, s: EncodeSettings, device, mode: str) -> dic
             "sigmas": [float(v) for v in spec.grid(_process_of(ck.denoiser))]}
 
 
+# every file `diffcli encode` writes in --out (besides images/NNNNNN.png), in any of its modes
+ENCODE_OUTPUTS = ("latents.safetensors", "encode.json", "reconstruction.png", "interpolation.png", "decoded.png",
+                  "decode.json")
+
+
 def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, device: torch.device,
                force: bool = False, log=_log_default) -> dict:
     """`diffcli encode CKPT INPUTS… --out DIR [--interpolate] [--nll]`: writes DIR/latents.safetensors,
     DIR/encode.json, DIR/reconstruction.png (input | latent | reconstruction) and, with --interpolate,
     DIR/interpolation.png. Returns the encode.json record."""
     from .checkpoint import atomic_write_text, save_safetensors
-    from .images import save_grid
+    from .images import clear_outputs, save_grid
 
     mode = "interpolate" if s.interpolate else "encode"
     den = ck.denoiser
@@ -631,6 +636,7 @@ def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, devi
             "cfg": repr(s.cfg), "channels": str(ck.channels), "resolution": str(ck.resolution),
             "sources": json.dumps([str(f) for f in files])}
     labels = torch.full((len(files),), -1 if s.class_id is None else s.class_id, dtype=torch.long)
+    clear_outputs(out, ENCODE_OUTPUTS)  # an earlier encode/decode run's files (--force): never mix two runs
     save_safetensors(out / "latents.safetensors", {"latents": z, "labels": labels}, meta)
     rows = torch.stack([x_all.float(), _latent_view(z, spec.sigma_max), y.float().clamp(-1, 1)], 1)
     save_grid(out / "reconstruction.png", rows[:64].flatten(0, 1), nrow=3)
@@ -718,7 +724,7 @@ def run_decode(ck, latents: Path, out: Path, s: EncodeSettings, *, device: torch
     """`diffcli encode CKPT --decode LATENTS.safetensors --out DIR`: DIR/images/NNNNNN.png, DIR/decoded.png,
     DIR/decode.json. The solver, grid and labels come from the latents file unless overridden."""
     from .checkpoint import atomic_write_bytes, atomic_write_text
-    from .images import png_bytes, save_grid, to_uint8
+    from .images import clear_outputs, png_bytes, save_grid, to_uint8
 
     den = ck.denoiser
     warnings = validate_settings(s, den.num_classes, "decode")
@@ -742,6 +748,7 @@ def run_decode(ck, latents: Path, out: Path, s: EncodeSettings, *, device: torch
         y, nfe = decode(den, zb, spec, cond=cond, cfg=cfg if cond is not None else 1.0)
         ys.append(y.cpu())
     y = torch.cat(ys) if ys else torch.empty(0, ck.channels, ck.resolution, ck.resolution)
+    clear_outputs(out, ENCODE_OUTPUTS)  # an earlier encode/decode run's files (--force): never mix two runs
     (out / "images").mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(to_uint8(y)):
         atomic_write_bytes(out / "images" / f"{i:06d}.png", png_bytes(img))

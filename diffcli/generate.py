@@ -15,7 +15,7 @@ from . import __version__
 from .checkpoint import LoadedCheckpoint, atomic_write_text, file_hash
 from .errors import UserError
 from .guidance import ClassifierGuided, Conditioned, GuidanceInput
-from .images import png_bytes, save_grid, to_uint8
+from .images import clear_outputs, png_bytes, save_grid, to_uint8
 from .runtime import progress, sample_generator
 from .samplers import SAMPLER_INFO, SCHEDULES, NFECounter, get_sigmas
 
@@ -300,9 +300,11 @@ def generate_sharded(denoiser, channels: int, resolution: int, s: SampleSettings
 
 def write_sample_folder(out: Path, images: Tensor, record: dict, s: SampleSettings, ck: LoadedCheckpoint,
                         device: torch.device) -> None:
-    """DIR/grid.png, DIR/images/NNNNNN.png (uint8, the dataset's channels) and DIR/sample.json."""
+    """DIR/grid.png, DIR/images/NNNNNN.png (uint8, the dataset's channels) and DIR/sample.json; a previous
+    sample folder's files there (`--force`) go first, so that the folder holds this run alone."""
     from .checkpoint import atomic_write_bytes
 
+    clear_outputs(out, ("grid.png", "sample.json"))
     (out / "images").mkdir(parents=True, exist_ok=True)
     u8 = to_uint8(images)
     for i, img in enumerate(u8):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,3 +59,18 @@ def load_png_uint8(path: str | Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.asarray(im)
+
+
+def clear_outputs(out: Path, names: Sequence[str]) -> None:
+    """Before a run writes into a folder that an earlier run filled (`--force`): remove the files diffcli itself
+    writes there — `names` and images/NNNNNN.png — so the folder never mixes two runs (an eval-fid of it would
+    score both). Nothing else in the folder is touched."""
+    for name in names:
+        p = out / name
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+    img = out / "images"
+    if img.is_dir() and not img.is_symlink():
+        for p in img.iterdir():
+            if re.fullmatch(r"\d{6}\.png", p.name) and p.is_file():
+                p.unlink()

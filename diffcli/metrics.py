@@ -440,6 +440,7 @@ class EvalOptions:
     out: Path | None = None
     json_path: Path | None = None
     digits_seed: int = 0
+    force: bool = False  # replace an earlier sweep's eval_fid.* in --out
 
 
 @dataclass
@@ -518,6 +519,15 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         raise UserError(f"--inception-weights {str(opts.inception_weights)!r}: no such file")
     if opts.out is not None and Path(opts.out).exists() and not Path(opts.out).is_dir():
         raise UserError(f"--out {str(opts.out)!r} is a file, not a folder")
+    if opts.out is not None and not opts.force and any((Path(opts.out) / f).exists() for f in SWEEP_FILES):
+        raise UserError(f"--out {str(opts.out)!r} already holds an eval-fid sweep; choose another folder or pass "
+                        f"--force to replace it")
+    if opts.json_path is not None:
+        jp = Path(opts.json_path)
+        if jp.is_dir():
+            raise UserError(f"--json {str(jp)!r} is a folder; give a file name (e.g. {str(jp / 'fid.json')!r})")
+        if not jp.parent.is_dir():
+            raise UserError(f"--json {str(jp)!r}: folder {str(jp.parent)!r} does not exist")
     g = Path(opts.generated)
     if not g.exists():
         raise UserError(f"GENERATED {str(g)!r}: does not exist (give a checkpoint, a sample folder or a folder)")
@@ -784,6 +794,9 @@ def _one_line(rec: dict) -> str:
 CSV_COLUMNS = ["sampler", "schedule", "steps", "nfe", "cfg", "n_generated", "n_reference", "fid", "kid_mean",
                "kid_std", "is_mean", "is_std", "precision", "recall", "f_score", "class_accuracy",
                "generation_seconds", "eval_seconds"]
+
+
+SWEEP_FILES = ("eval_fid.csv", "eval_fid.png", "eval_fid.json")
 
 
 def write_sweep(out: Path, records: list[dict]) -> list[Path]:

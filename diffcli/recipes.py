@@ -130,11 +130,19 @@ def _known_schedule(name: Optional[str]) -> Optional[str]:
     return name
 
 
+def _known_sampler(name: str) -> str:
+    from .samplers import SAMPLER_INFO  # lazy, as above
+
+    if name not in SAMPLER_INFO:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_INFO)}")
+    return name
+
+
 class SampleConfig(_Strict):
     sampler: str = "ddim"
     schedule: Optional[str] = None
     steps: int = Field(50, ge=1)
-    eta: float = Field(0.0, ge=0)
+    eta: float = Field(0.0, ge=0, le=1)
     cfg: float = Field(1.0, ge=0)
     n: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -142,6 +150,7 @@ class SampleConfig(_Strict):
 
     # not "tuned": a tuned solver belongs to one checkpoint (`diffcli sample CKPT --schedule tuned`)
     _schedule = field_validator("schedule")(lambda cls, v: _known_schedule(v))
+    _sampler = field_validator("sampler")(lambda cls, v: _known_sampler(v))
 
 
 class Recipe(_Strict):
@@ -175,6 +184,17 @@ class Recipe(_Strict):
                 if r not in levels:
                     raise ValueError(f"model.attention_resolutions has {r}, not one of the UNet's resolutions "
                                      f"{sorted(levels, reverse=True)}")
+        # attention splits a width c into max(1, c // head_channels) heads, which must divide c: the middle block
+        # (deepest width) always attends, the other levels where their resolution is listed
+        widths = {m.channels * m.channel_mult[-1]}
+        if res is not None:
+            widths |= {m.channels * mult for i, mult in enumerate(m.channel_mult)
+                       if res // 2**i in m.attention_resolutions}
+        for c in sorted(widths):
+            heads = max(1, c // m.head_channels)
+            if c % heads:
+                raise ValueError(f"model.head_channels = {m.head_channels} splits the {c}-channel attention into "
+                                 f"{heads} heads, which do not divide {c}; choose a divisor of {c}")
         return self
 
     # --- serialisation --------------------------------------------------------------------------

@@ -57,6 +57,8 @@ def check_run_folder(out: Path, *, resume: bool, force: bool) -> None:
     """The run-folder checks of `prepare_run_folder` that change nothing (for a launcher to run first)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file, not a folder")
+    if resume and force:
+        raise UserError("--resume continues a run and --force deletes it: give one of them")
     if resume and not (out / "recipe.toml").exists():
         raise UserError(f"--resume: {str(out)!r} holds no run (no recipe.toml)")
     existing = [f for f in RUN_FILES if (out / f).exists()]
@@ -73,9 +75,17 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool, 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file, not a folder")
     if resume:
+        if force:
+            raise UserError("--resume continues a run and --force deletes it: give one of them")
         if not (out / "recipe.toml").exists():
             raise UserError(f"--resume: {str(out)!r} holds no run (no recipe.toml)")
         saved = (loader or load_recipe)(out / "recipe.toml")  # loader: e.g. load_distill_recipe
+        found = latest_state(out)
+        if found is not None and found[0] > recipe.train.max_steps:
+            # the step budget counts from the run's start: a smaller one would train nothing and say so only
+            # in a summary, after rewriting the run's recipe.toml
+            raise UserError(f"--resume {str(out)!r}: train.max_steps = {recipe.train.max_steps} is below the run's "
+                            f"step {found[0]}; give a larger --max-steps (it counts from the run's start)")
         a = saved.model_dump(mode="json")
         b = recipe.model_dump(mode="json")
         for d in (a, b):

@@ -39,12 +39,25 @@ def test_train_then_sample_end_to_end(tiny_recipe_path, tmp_path):
     assert (out / "grid.png").exists()
     # a second run into the same folder is refused; --force overwrites
     _one_line_error(run_cli("sample", run / "last.safetensors", "--n", "2", "--out", out), "not empty")
+    (out / "notes.txt").write_text("mine")
     assert run_cli("sample", run / "last.safetensors", "--n", "2", "--steps", "2", "--out", out,
                    "--force").returncode == 0
-    # resume continues the run from its own recipe
+    # ... and the folder then holds that run alone (an eval-fid of it must not score the first run's images),
+    # but what the user put there stays
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png"]
+    assert json.loads((out / "sample.json").read_text())["n"] == 2 and (out / "notes.txt").read_text() == "mine"
+    # --debug, before or after the command: the traceback, and still exit 2
+    missing = tmp_path / "nope.safetensors"
+    for argv in (["--debug", "sample", missing], ["sample", "--debug", missing]):
+        r = run_cli(*argv, "--out", tmp_path / "x")
+        assert r.returncode == 2 and "Traceback" in r.stderr and "nope.safetensors" in r.stderr.splitlines()[-1]
+    # resume continues the run from its own recipe; a budget below the run's step, or --force with it, is refused
+    _one_line_error(run_cli("train", "--out", run, "--resume", "--max-steps", "3"), "max_steps = 3", "step 6")
+    _one_line_error(run_cli("train", "--out", run, "--resume", "--force"), "--resume", "--force")
     r = run_cli("train", "--out", run, "--resume", "--max-steps", "8")
     assert r.returncode == 0, r.stderr
     assert (run / "checkpoints/step_0000008.safetensors").exists()
+    assert "max_steps = 8" in (run / "recipe.toml").read_text()
 
 
 def test_help_and_version():

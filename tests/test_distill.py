@@ -347,6 +347,8 @@ def test_cli_distill_end_to_end(variant, tiny_ckpt, tmp_path, capsys):
         assert (out / "students" / "flow.safetensors").exists()
         assert len(list((out / "pairs_flow").glob("chunk_*.safetensors"))) == 2
         assert summary["distill_steps"] == 2 and summary["reflow_optimizer_steps"] == 2
+    if method == "progressive":  # --resume finds the run's own teacher and recipe (a finished run: nothing to do)
+        assert cli_main(["distill", "--out", str(out), "--resume", "--device", "cpu"]) == 0
     student = students[0]
     sample_out = tmp_path / "samples"
     assert cli_main(["sample", str(student), "--n", "4", "--out", str(sample_out), "--device", "cpu"]) == 0

@@ -358,7 +358,18 @@ def _bad_setups(tmp: Path, digits_cache) -> dict[str, tuple[list, str]]:
                                        tmp / "none.pth"], "--inception-weights"),
         "broken inception weights": ([good, "--ref", "digits", "--extractor", "inception", "--inception-weights",
                                       tmp / "w.pth"], "--inception-weights"),
+        "--json is a folder": ([good, "--ref", "digits", "--json", tmp], "--json"),
+        "--json in a missing folder": ([good, "--ref", "digits", "--json", tmp / "no" / "f.json"], "does not exist"),
+        "sweep over an earlier one": ([good, "--ref", "digits", "--out", _sweep_folder(tmp)], "--force"),
     }
+
+
+def _sweep_folder(tmp: Path) -> Path:
+    """A folder an earlier `eval-fid --out` sweep wrote into."""
+    d = tmp / "old_sweep"
+    d.mkdir(exist_ok=True)
+    (d / "eval_fid.csv").write_text("sampler,nfe,fid\nddim,5,1.0\n")
+    return d
 
 
 SUBPROCESS_CASES = ("empty folder", "unknown metric", "stats of another extractor")

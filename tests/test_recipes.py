@@ -33,6 +33,12 @@ def _err(data: dict) -> str:
     ({"data": {"name": "imagefolder"}}, ["data.path"]),
     ({"sample": {"schedule": "karas"}}, ["sample.schedule", "'karas'", "logsnr_linspace"]),
     ({"sample": {"schedule": "tuned"}}, ["sample.schedule", "'tuned'"]),  # tuned solvers belong to a checkpoint
+    # the recipe's sampler is used at the first grid, possibly hours in: checked when the recipe loads
+    ({"sample": {"sampler": "hune"}}, ["sample.sampler", "'hune'", "heun"]),
+    ({"sample": {"eta": 5}}, ["sample.eta", "5"]),
+    # 64 channels at 32 per head are 2 heads, at 7 per head 9 heads, which do not divide 64
+    ({"model": {"head_channels": 7, "channels": 32, "channel_mult": [1, 2]}, "data": {"resolution": 8}},
+     ["model.head_channels = 7", "64"]),
 ])
 def test_errors_name_field_and_value(data, needles):
     msg = _err(data)
