@@ -59,12 +59,12 @@ def _table(title: str, rows: list[tuple[str, str]]):
 @app.command()
 def train(
     recipe: Optional[Path] = typer.Argument(None, help="TOML recipe (optional with --resume: the run's own)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/RECIPE_NAME]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/RECIPE_NAME)."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set train.lr=1e-3."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Override train.max_steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start over in an --out that already holds a run."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N [default: recipe]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: recipe)."),
     nproc: int = typer.Option(1, "--nproc", help="Processes (devices) to train on: launches torchrun."),
 ) -> None:
     """Train a denoiser from a recipe; writes checkpoints, grids and metrics.csv into the run folder.
@@ -120,13 +120,13 @@ def train(
 @app.command()
 def sample(
     checkpoint: Optional[Path] = typer.Argument(None, help="A diffcli .safetensors checkpoint."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name (see --list) [default: recipe]."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: recipe]."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name (see --list) (default: recipe)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: recipe)."),
     nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser-call budget; chooses --steps to fit."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="karras | logsnr | logsnr_leading | logsnr_leading_ms | logsnr_linspace | uniform | linear | tuned."),
     eta: Optional[float] = typer.Option(None, "--eta", help="Stochasticity η in [0, 1] (ddim, euler_ancestral, dpmpp_2m_sde)."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale (1 = none)."),
-    class_id: Optional[int] = typer.Option(None, "--class", help="Class id for every image [default: cycle]."),
+    class_id: Optional[int] = typer.Option(None, "--class", help="Class id for every image (default: cycle)."),
     n: int = typer.Option(64, "--n", "-n", help="Number of images."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per batch (results do not depend on it)."),
     seed: int = typer.Option(0, "--seed", help="Run seed; image i depends only on (seed, i)."),
@@ -391,19 +391,19 @@ def encode(
 def eval_fid(
     generated: Path = typer.Argument(..., help="A checkpoint (.safetensors), a sample folder, or a folder of images."),
     ref: Optional[str] = typer.Option(None, "--ref", help="Reference: dataset name (digits, mnist, cifar10, celeba), "
-                                      "a folder of images, or a statistics .safetensors [default: the checkpoint's "
-                                      "training data]."),
-    ref_split: Optional[str] = typer.Option(None, "--ref-split", help="train | test | all [default: recipe's / train]."),
+                                      "a folder of images, or a statistics .safetensors (default: the checkpoint's "
+                                      "training data)."),
+    ref_split: Optional[str] = typer.Option(None, "--ref-split", help="train | test | all (default: recipe's / train)."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live."),
-    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma list of fid, kid, is, pr [default: all]."),
-    extractor: Optional[str] = typer.Option(None, "--extractor", help="digits | inception [default: digits for "
-                                            "1×8×8 images, else inception]."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma list of fid, kid, is, pr (default: all)."),
+    extractor: Optional[str] = typer.Option(None, "--extractor", help="digits | inception (default: digits for "
+                                            "1×8×8 images, else inception)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local InceptionV3 weights "
                                                      "(.pth or .safetensors) for offline machines."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler, or a comma list for a sweep."),
     nfe: Optional[str] = typer.Option(None, "--nfe", help="Denoiser-call budget, or a comma list (5,10,20,50)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: recipe]."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Sigma schedule [default: the sampler's]; "
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: recipe)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Sigma schedule (default: the sampler's); "
                                            "'tuned' runs the solver `diffcli sample --tune-schedule` stored beside "
                                            "the checkpoint for each sampler and NFE."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),

@@ -695,6 +695,8 @@ def read_latents(path: Path, ck) -> tuple[Tensor, Tensor | None, ODESpec, dict[s
     from .checkpoint import file_hash, read_safetensors
 
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--decode {str(path)!r}: no such file")
     tensors, meta = read_safetensors(path)
     if meta.get("kind") != LATENTS_KIND:
         raise UserError(f"--decode {str(path)!r}: not a diffcli latents file (kind = {meta.get('kind')!r})")

@@ -157,6 +157,19 @@ def _theta_from_levels(sig: Tensor, lo: float) -> Tensor:
     return (gaps.clamp_min(1e-3 * total) / total).log()
 
 
+def _tunable(sampler: str, nfe: int, draws: int):
+    """(SamplerInfo, steps) of a sampler that has a grid to tune at `nfe` calls on `draws` draws; else ValueError."""
+    info = SAMPLER_INFO[sampler]
+    if info.stochastic or info.adaptive:
+        raise ValueError(f"{sampler}: only fixed-step deterministic samplers have a grid to tune")
+    steps = info.steps_for_nfe(nfe)
+    if steps < 1:
+        raise ValueError(f"nfe {nfe}: too small for {sampler}")
+    if draws < 8:
+        raise ValueError(f"draws {draws}: need at least 8 (a quarter is held out)")
+    return info, steps
+
+
 def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: float, shape: tuple[int, ...], *,
                 draws: int = 1024, seed: int = 2, schedule: str | None = None, iters: int = 400, lr: float = 0.01, lr_coef: float = 3e-4,
                 coefficients: bool = True, reference_rtol: float = 1e-7, options: dict | None = None,
@@ -167,14 +180,7 @@ def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: f
     (torch autograd); for a conditional model give `labels` (draws,) and `bind(labels) -> denoiser` instead, and
     each batch is bound to its draws' labels. `exact` calls it in float64 (analytic oracles). Returns (solver, info) with the RMS errors
     on the held-out draws before and after and the iteration kept."""
-    info = SAMPLER_INFO[sampler]
-    if info.stochastic or info.adaptive:
-        raise ValueError(f"{sampler}: only fixed-step deterministic samplers have a grid to tune")
-    steps = info.steps_for_nfe(nfe)
-    if steps < 1:
-        raise ValueError(f"nfe {nfe}: too small for {sampler}")
-    if draws < 8:
-        raise ValueError(f"draws {draws}: need at least 8 (a quarter is held out)")
+    info, steps = _tunable(sampler, nfe, draws)
     start = get_sigmas(schedule or info.default_schedule, steps, sigma_min, sigma_max)
     init = solver_coefficients(sampler, start, options)
     n = init.nfe
@@ -300,14 +306,7 @@ def tune_grid(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: flo
     with the held-out RMS before and after and the evaluations used)."""
     from scipy.optimize import minimize
 
-    info = SAMPLER_INFO[sampler]
-    if info.stochastic or info.adaptive:
-        raise ValueError(f"{sampler}: only fixed-step deterministic samplers have a grid to tune")
-    steps = info.steps_for_nfe(nfe)
-    if steps < 1:
-        raise ValueError(f"nfe {nfe}: too small for {sampler}")
-    if draws < 8:
-        raise ValueError(f"draws {draws}: need at least 8 (a quarter is held out)")
+    info, steps = _tunable(sampler, nfe, draws)
     start = get_sigmas(schedule, steps, sigma_min, sigma_max)
     hi = float(start[0])
     g = torch.Generator().manual_seed(seed)
