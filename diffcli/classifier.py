@@ -181,7 +181,7 @@ def train_classifier(recipe: Recipe, out: Path, *, resume: bool = False, force: 
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_t, 1e-9)
                 metrics.write([step, f"{sum(window) / len(window):.8g}", f"{lr:.6g}", f"{ips:.1f}",
-                               f"{now - t0:.2f}"])
+                               f"{metrics.seconds_before + now - t0:.2f}"])
                 window, window_imgs, window_t = [], 0, now
             budget_spent = t.max_minutes is not None and (time.perf_counter() - t0) > 60 * t.max_minutes
             if step % t.checkpoint_every == 0 or step == t.max_steps or budget_spent or sigs.received:

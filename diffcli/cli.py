@@ -111,7 +111,8 @@ def train(
         return
     con.print(_table("diffcli train", [
         ("run folder", str(res.out)), ("steps", str(res.step)), ("stopped by", res.stopped_by),
-        ("last loss", f"{res.last_loss:.5f}"), ("images/s", f"{res.images_per_s:.0f}"),
+        ("last loss", f"{res.last_loss:.5f}" if res.last_loss == res.last_loss else "— (no step taken)"),
+        ("images/s", f"{res.images_per_s:.0f}"),
         ("parameters", f"{res.parameters:,}"), ("wall-clock", f"{res.seconds:.1f} s"),
         ("checkpoint", str(res.out / "last.safetensors")),
     ]))

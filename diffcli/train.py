@@ -519,7 +519,8 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
                 now = time.perf_counter()
                 ips = w_n * B / max(now - window_t, 1e-9)
                 mean_loss = f"{w_sum / w_n:.8g}" if w_n else "nan"
-                metrics.write([step, mean_loss, f"{lr:.6g}", f"{ips:.1f}", f"{now - t0:.2f}"])
+                metrics.write([step, mean_loss, f"{lr:.6g}", f"{ips:.1f}",
+                               f"{metrics.seconds_before + now - t0:.2f}"])
                 window_t = now
             if log_row or stop:
                 win_sum.zero_(), win_n.zero_()
@@ -553,9 +554,17 @@ def _retain(folder: Path, keep: int) -> None:
 class _MetricsWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.seconds_before = 0.0  # the run's training seconds before this start: a resumed run's clock goes on
         if not path.exists():
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(METRICS_HEADER)
+            return
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and r[0].isdigit()]
+        try:
+            self.seconds_before = float(rows[-1][METRICS_HEADER.index("seconds")]) if rows else 0.0
+        except (ValueError, IndexError):
+            self.seconds_before = 0.0
 
     def write(self, row: list) -> None:
         try:

@@ -58,6 +58,9 @@ def test_train_then_sample_end_to_end(tiny_recipe_path, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (run / "checkpoints/step_0000008.safetensors").exists()
     assert "max_steps = 8" in (run / "recipe.toml").read_text()
+    rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    seconds = [float(r.split(",")[-1]) for r in rows]
+    assert [int(r.split(",")[0]) for r in rows][-1] == 8 and seconds == sorted(seconds), rows  # the clock goes on
 
 
 def test_help_and_version():

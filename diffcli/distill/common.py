@@ -259,7 +259,8 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
                     or sigs.received or step in finished):
                 now = time.perf_counter()
                 metrics.write([step, f"{sum(window) / len(window):.8g}", f"{lr:.6g}",
-                               f"{window_imgs / max(now - window_t, 1e-9):.1f}", f"{now - t0:.2f}"])
+                               f"{window_imgs / max(now - window_t, 1e-9):.1f}",
+                               f"{metrics.seconds_before + now - t0:.2f}"])
                 window, window_imgs, window_t = [], 0, now
             if step % t.checkpoint_every == 0 or step == total or budget or sigs.received or step in finished:
                 last_ck = checkpoint(step)
