@@ -409,6 +409,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, schema: ty
     data = apply_overrides(data, overrides or [])
     if schema is None and (data.get("task") == "distill" or "method" in data):
         raise UserError(f"recipe {str(p)!r} is a distillation recipe (task = 'distill'); run it with diffcli distill")
+    if schema is DistillRecipe and "method" not in data and ("data" in data or "model" in data):
+        raise UserError(f"recipe {str(p)!r} is a training recipe (it has [data]/[model] and no method); distill "
+                        f"takes a distillation recipe with method = progressive | consistency | guidance | reflow "
+                        f"(e.g. recipes/digits-progressive.toml)")
     return recipe_from_dict(data, str(p), schema)
 
 
