@@ -296,11 +296,13 @@ def distill(
         if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
             raise UserError(f"{recipe}: name = {name!r} is not a plain folder name; give --out")
         out = Path("runs") / name
+    from .distill.common import distill as run_distill
+    from .distill.common import recorded_teacher
+
     if teacher is None:
-        teacher = _run_teacher(out) if resume else None
+        teacher = recorded_teacher(out) if resume else None
         if teacher is None:
             raise UserError("distill needs --teacher CKPT (the checkpoint to distill)")
-    from .distill.common import distill as run_distill
 
     con = _console()
     res = run_distill(rec, teacher, out, resume=resume, force=force, device=device, log=con.print)
@@ -463,19 +465,6 @@ def eval_fid(
         con.print(f"[yellow]warning:[/] {w}")
     for f in res.files:
         con.print(f"wrote {f}")
-
-
-def _run_teacher(out: Path) -> Path | None:
-    """The teacher a distill run folder records in its newest student (metadata `teacher`), for --resume."""
-    from .checkpoint import read_header
-
-    last = out / "last.safetensors"
-    if not last.is_file():
-        return None
-    path = read_header(last)[1].get("teacher")
-    if not path or not Path(path).is_file():
-        raise UserError(f"--resume {str(out)!r}: the run's teacher {path!r} is not there; give --teacher CKPT")
-    return Path(path)
 
 
 def _refuse_escaping_subfolders(out: Path, subfolders: tuple[str, ...]) -> None:

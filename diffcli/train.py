@@ -71,14 +71,9 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool, 
     """Create, resume or (with --force) restart a run folder; never overwrite a run silently.
 
     Returns the recipe to train with (a resumed run keeps its own, with only the step budget taken anew)."""
+    check_run_folder(out, resume=resume, force=force)
     existing = [f for f in RUN_FILES if (out / f).exists()]
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file, not a folder")
     if resume:
-        if force:
-            raise UserError("--resume continues a run and --force deletes it: give one of them")
-        if not (out / "recipe.toml").exists():
-            raise UserError(f"--resume: {str(out)!r} holds no run (no recipe.toml)")
         saved = (loader or load_recipe)(out / "recipe.toml")  # loader: e.g. load_distill_recipe
         found = latest_state(out)
         if found is not None and found[0] > recipe.train.max_steps:
@@ -97,10 +92,7 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool, 
         saved.train.max_steps, saved.train.max_minutes = recipe.train.max_steps, recipe.train.max_minutes
         _clean_run_temporaries(out)
         return saved
-    if existing and not force:
-        raise UserError(f"--out {str(out)!r} already holds a run ({', '.join(existing)}); use --resume to continue "
-                        f"it or --force to start over")
-    if existing and force:
+    if existing:  # check_run_folder let it through: --force
         for f in existing:
             p = out / f
             shutil.rmtree(p) if p.is_dir() else p.unlink()

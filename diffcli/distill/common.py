@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import (LoadedCheckpoint, atomic_write_text, build_denoiser, file_hash, load_checkpoint,
-                          save_denoiser)
+                          read_header, save_denoiser)
 from ..data import load_dataset
 from ..denoiser import Denoiser
 from ..errors import Interrupted, RunFailure, UserError
@@ -164,6 +164,18 @@ class Distiller:
         save_grid(path, imgs)
 
 
+def recorded_teacher(out: Path) -> Path | None:
+    """The teacher a distill run folder records in its newest student (metadata `teacher`), for --resume without
+    --teacher; None when the run wrote no student yet."""
+    last = out / "last.safetensors"
+    if not last.is_file():
+        return None
+    path = read_header(last)[1].get("teacher")
+    if not path or not Path(path).is_file():
+        raise UserError(f"--resume {str(out)!r}: the run's teacher {path!r} is not there; give --teacher CKPT")
+    return Path(path)
+
+
 def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resume: bool = False,
             force: bool = False, device: str | None = None, log=print, show_progress: bool = True) -> dict:
     """Distill the teacher checkpoint into students in the run folder `out`; returns the distill.json summary."""
@@ -178,8 +190,6 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     teacher_hash = file_hash(teacher.path)
     if resume and (out / "last.safetensors").exists():
-        from ..checkpoint import read_header
-
         was = read_header(out / "last.safetensors")[1].get("teacher_sha256")
         if was is not None and was != teacher_hash:
             raise UserError(f"--resume {str(out)!r}: the run was distilled from a teacher with sha256 {was}, but "
