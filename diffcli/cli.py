@@ -501,6 +501,24 @@ def _click_exceptions():
     return cx
 
 
+def _given_value(e, argv: list[str]) -> str:
+    """' (got VALUE)' for an option value click could not convert, whose message does not repeat it."""
+    param = getattr(e, "param", None)
+    opts = getattr(param, "opts", None) or []
+    if not opts or not opts[0].startswith("-"):
+        return ""
+    value = None
+    for i, a in enumerate(argv):
+        if a in opts and i + 1 < len(argv):
+            value = argv[i + 1]
+        for o in opts:
+            if a.startswith(o + "="):
+                value = a[len(o) + 1:]
+    if value is None or repr(value) in e.format_message() or f"'{value}'" in e.format_message():
+        return ""
+    return f" (got {value!r})"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and maps every error to its exit code and one line."""
     cx = _click_exceptions()
@@ -524,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     except cx.UsageError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e.format_message()}", file=sys.stderr)
+        print(f"error: {e.format_message()}{_given_value(e, argv)}", file=sys.stderr)
         return 2
     except (typer.Exit, getattr(cx, "Exit", typer.Exit)) as e:
         return e.exit_code
