@@ -291,6 +291,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     channels = _meta_int(meta, "channels", path, 1, 4)
     resolution = _meta_int(meta, "resolution", path, 1, 4096)
     num_classes = _meta_int(meta, "num_classes", path, 0, 100000)
+    if "step" in meta:  # read later for sample.json and the like: a bad value must fail here, before any output
+        _meta_int(meta, "step", path, 0, 10**15)
     denoiser = build_denoiser(recipe, channels, resolution, num_classes)
     load_weights(denoiser.net, tensors, path)
     denoiser.to(device).eval()

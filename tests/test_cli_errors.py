@@ -142,6 +142,8 @@ def ws(tmp_path_factory, tiny_recipe_path, tiny_ckpt) -> Path:
     t, meta = read_safetensors(w / "ckpt.safetensors")
     t["conv_in.bias"][0] = float("nan")
     save_safetensors(w / "nan.safetensors", t, meta)
+    t, meta = read_safetensors(w / "ckpt.safetensors")
+    save_safetensors(w / "badstep.safetensors", t, {**meta, "step": "abc"})
     save_safetensors(w / "fake_latents.safetensors", {"latents": torch.zeros(1, 1, 8, 8)}, {"kind": "other"})
     # output folders that already exist
     (w / "a_file").write_text("x")
@@ -234,6 +236,10 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["--schedule 'wavy'"]),
     ("sample: steps and nfe", ["sample", "{w}/ckpt.safetensors", "--steps", "4", "--nfe", "8", "--out", "{w}/s"],
      ["--steps or --nfe"]),
+    ("sample: metadata step not an integer", ["sample", "{w}/badstep.safetensors", "--n", "4", "--out", "{w}/s"],
+     ["badstep.safetensors", "step = 'abc'"]),
+    ("encode: metadata step not an integer", ["encode", "{w}/badstep.safetensors", "{w}/good_imgs", "--out",
+                                              "{w}/e"], ["badstep.safetensors", "step = 'abc'"]),
     ("sample: steps not an integer", ["sample", "{w}/ckpt.safetensors", "--steps", "1.5", "--out", "{w}/s"],
      ["--steps", "'1.5'"]),
     ("sample: cfg not a number (= form)", ["sample", "{w}/ckpt.safetensors", "--cfg=x", "--out", "{w}/s"],
