@@ -42,6 +42,17 @@ def _short(v: Any) -> str:
 
 
 # --- atomic writes ----------------------------------------------------------------------------------------
+def _file_mode() -> int:
+    """The mode open() would give a new file (0o666 less the umask): mkstemp's 0o600 would hide every
+    checkpoint, grid and JSON from the user's group, unlike files any other tool writes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()  # read once: os.umask can only be read by setting it, which is not thread-safe
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
     path = Path(path)
@@ -52,6 +63,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise RunFailure(f"cannot write {path}: {e.strerror or e}; the previous file is intact") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), _FILE_MODE)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

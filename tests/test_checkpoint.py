@@ -125,3 +125,24 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         atomic_write_bytes(p, b"new" * 1000)
     assert p.read_bytes() == b"old"
     assert [q.name for q in tmp_path.iterdir()] == ["f.bin"]  # no temporary left behind
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path, monkeypatch):
+    """mkstemp creates 0600 files; a written checkpoint, grid or JSON must be as readable as any file the user's
+    umask allows (a shared run folder read by teammates or a web server), not private to its writer."""
+    import os
+    import stat
+
+    from diffcli import checkpoint
+
+    for mask in (0o022, 0o077):
+        old = os.umask(mask)
+        try:
+            monkeypatch.setattr(checkpoint, "_FILE_MODE", checkpoint._file_mode())
+            checkpoint.atomic_write_text(tmp_path / f"a{mask:o}.json", "{}")
+            with open(tmp_path / f"b{mask:o}.json", "w") as f:
+                f.write("{}")
+        finally:
+            os.umask(old)
+        got = stat.S_IMODE((tmp_path / f"a{mask:o}.json").stat().st_mode)
+        assert got == stat.S_IMODE((tmp_path / f"b{mask:o}.json").stat().st_mode) == 0o666 & ~mask
