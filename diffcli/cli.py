@@ -302,6 +302,9 @@ def distill(
     if teacher is None:
         teacher = recorded_teacher(out) if resume else None
         if teacher is None:
+            if rec.method == "consistency" and rec.config.mode == "ct":
+                raise UserError("distill needs --teacher CKPT: consistency.mode = 'ct' takes no ODE step of it, "
+                                "but starts from its network, weights, data and σ range")
             raise UserError("distill needs --teacher CKPT (the checkpoint to distill)")
 
     con = _console()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -347,8 +348,10 @@ def test_cli_distill_end_to_end(variant, tiny_ckpt, tmp_path, capsys):
         assert (out / "students" / "flow.safetensors").exists()
         assert len(list((out / "pairs_flow").glob("chunk_*.safetensors"))) == 2
         assert summary["distill_steps"] == 2 and summary["reflow_optimizer_steps"] == 2
-    if method == "progressive":  # --resume finds the run's own teacher and recipe (a finished run: nothing to do)
+    if method == "progressive":  # --resume finds the run's own teacher and recipe (a finished run: nothing to do,
+        before = (out / "distill.json").read_bytes()  # and its summary is kept, not replaced by the no-op's)
         assert cli_main(["distill", "--out", str(out), "--resume", "--device", "cpu"]) == 0
+        assert (out / "distill.json").read_bytes() == before
     student = students[0]
     sample_out = tmp_path / "samples"
     assert cli_main(["sample", str(student), "--n", "4", "--out", str(sample_out), "--device", "cpu"]) == 0
@@ -377,6 +380,27 @@ def test_cli_distill_end_to_end(variant, tiny_ckpt, tmp_path, capsys):
                          "--out", str(m_out), "--device", "cpu"]) == 0
         info = json.loads((m_out / "sample.json").read_text())
         assert info["nfe"] == 2 and len(info["sigmas"]) == 3 and info["sigmas"][1] > 0.002
+
+
+def test_cli_distill_resume_finds_the_teacher_of_an_interrupted_run(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """An interrupted run has checkpoints but no last.safetensors yet: --resume without --teacher still finds the
+    teacher (recorded as an absolute path in every student file), from any working directory."""
+    rec = _write(tmp_path, "pd.toml", RECIPES["progressive"])
+    (tmp_path / "work").mkdir()
+    shutil.copy(tiny_ckpt, tmp_path / "work" / "teacher.safetensors")
+    monkeypatch.chdir(tmp_path / "work")
+    run = tmp_path / "run"
+    sets = [a for o in ["train.max_steps=4", "train.checkpoint_every=1"] + STEPS for a in ("--set", o)]
+    assert cli_main(["distill", str(rec), "--teacher", "teacher.safetensors", "--out", str(run), "--device", "cpu",
+                     "--set", "train.max_minutes=1e-9", *sets]) == 0, capsys.readouterr().err
+    (run / "last.safetensors").unlink()  # what SIGINT leaves: the checkpoint and its state, no final files
+    (run / "distill.json").unlink()
+    (run / "recipe.toml").write_text((run / "recipe.toml").read_text().replace("max_minutes = 1e-09\n", ""))
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["distill", "--out", str(run), "--resume", "--device", "cpu"]) == 0, capsys.readouterr().err
+    summary = json.loads((run / "distill.json").read_text())
+    assert summary["steps"] == 4 and summary["teacher"] == str((tmp_path / "work" / "teacher.safetensors"))
+    assert summary["last_loss"] is not None and summary["seconds"] > 0
 
 
 def test_progressive_resume_is_bit_exact_across_a_round(tiny_ckpt, tmp_path):

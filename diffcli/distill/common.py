@@ -152,7 +152,7 @@ class Distiller:
     def save_student(self, path: Path, step: int, steps: int | None = None) -> None:
         sampler, n, sigmas = self.method.student_sampling(steps)
         extra = {"distill_method": self.method.name, "student_sampler": sampler, "student_steps": str(n),
-                 "student_sigmas": json.dumps([float(s) for s in sigmas]), "teacher": str(self.teacher.path),
+                 "student_sigmas": json.dumps([float(s) for s in sigmas]), "teacher": str(self.teacher.path.resolve()),
                  "teacher_sha256": self.teacher_hash, "distill_recipe": self.recipe.to_json()}
         save_denoiser(path, self.ema, self.method.student_recipe(steps), step=step, channels=self.channels,
                       resolution=self.resolution, kind="student", extra=extra)
@@ -164,13 +164,25 @@ class Distiller:
         save_grid(path, imgs)
 
 
-def recorded_teacher(out: Path) -> Path | None:
-    """The teacher a distill run folder records in its newest student (metadata `teacher`), for --resume without
-    --teacher; None when the run wrote no student yet."""
+def _newest_student(out: Path) -> Path | None:
+    """The run's newest student file — the periodic checkpoint beside its newest training state (what an
+    interrupted run leaves), else last.safetensors — or None when the run wrote none yet."""
+    found = latest_state(out)
+    if found is not None:
+        ck = out / "checkpoints" / f"step_{found[0]:07d}.safetensors"
+        if ck.is_file():
+            return ck
     last = out / "last.safetensors"
-    if not last.is_file():
+    return last if last.is_file() else None
+
+
+def recorded_teacher(out: Path) -> Path | None:
+    """The teacher a distill run folder records in its students (metadata `teacher`, an absolute path), for
+    --resume without --teacher; None when the run wrote no student yet."""
+    student = _newest_student(out)
+    if student is None:
         return None
-    path = read_header(last)[1].get("teacher")
+    path = read_header(student)[1].get("teacher")
     if not path or not Path(path).is_file():
         raise UserError(f"--resume {str(out)!r}: the run's teacher {path!r} is not there; give --teacher CKPT")
     return Path(path)
@@ -189,8 +201,9 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
             if p.exists():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     teacher_hash = file_hash(teacher.path)
-    if resume and (out / "last.safetensors").exists():
-        was = read_header(out / "last.safetensors")[1].get("teacher_sha256")
+    student = _newest_student(out) if resume else None
+    if student is not None:
+        was = read_header(student)[1].get("teacher_sha256")
         if was is not None and was != teacher_hash:
             raise UserError(f"--resume {str(out)!r}: the run was distilled from a teacher with sha256 {was}, but "
                             f"--teacher {str(teacher.path)!r} has {teacher_hash}; resume with the run's own teacher")
@@ -212,6 +225,14 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
         if found is not None:
             start = load_state(found[1], eng.student.net, eng.ema.net, eng.opt, expect_step=found[0])
             log(f"resumed {out} at step {start}")
+    done = out / "distill.json"
+    if resume and start >= total and (out / "last.safetensors").is_file() and done.is_file():
+        # a finished run: its summary (time, last loss, students) stays the run's own, not a no-op's
+        log(f"{out}: the run is complete at step {start} of {total}; nothing to do")
+        try:
+            return json.loads(done.read_text())
+        except (OSError, ValueError):
+            pass  # an unreadable summary is rewritten below from what the run holds
     _truncate_metrics(out / "metrics.csv", start)
     method.prepare(eng)
     params = list(eng.student.net.parameters())
@@ -289,8 +310,11 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
     eng.save_student(final, step)
     eng.ema.eval()
     summary = {"method": method.name, "teacher": str(teacher.path), "teacher_sha256": eng.teacher_hash,
-               "steps": step, "total_steps": total, "seconds": round(time.perf_counter() - t0, 2),
-               "last_loss": loss_v, "students": sorted(str(p.relative_to(out)) for p in (out / "students").glob("*"))
+               "steps": step, "total_steps": total,
+               "seconds": round(metrics.seconds_before + time.perf_counter() - t0, 2),
+               # None: no step taken (JSON has no NaN)
+               "last_loss": loss_v if math.isfinite(loss_v) else None,
+               "students": sorted(str(p.relative_to(out)) for p in (out / "students").glob("*"))
                if (out / "students").exists() else [], **method.report(eng)}
     atomic_write_text(out / "distill.json", json.dumps(summary, indent=2))
     return summary
