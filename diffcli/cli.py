@@ -225,7 +225,16 @@ def sample(
                        class_id=class_id, n=n, batch_size=batch_size, seed=seed, options=options,
                        cfg_interval=interval, classifier=str(classifier) if classifier else None,
                        classifier_scale=classifier_scale)
-    validate_settings(s, ck.denoiser.num_classes)
+    validate_settings(s, ck.denoiser.num_classes, ck.denoiser.guidance_input)
+    if ck.denoiser.guidance_input and world.is_main:
+        from .generate import guidance_range_warning
+
+        warning = guidance_range_warning(s, ck.meta)
+        if warning:
+            _console().print(f"[yellow]warning:[/] {warning}")
+    if classifier is not None and classifier_scale == 0:
+        raise UserError(f"--classifier {str(classifier)!r}: give --classifier-scale S > 0 (without it the "
+                        f"classifier would not guide)")
     clf = None
     if classifier is not None:
         from .classifier import check_classifier_matches, load_classifier

@@ -42,8 +42,13 @@ class SampleSettings:
     classifier_scale: float = 0.0
 
 
-def validate_settings(s: SampleSettings, num_classes: int) -> None:
-    """Every bad sampling option is a UserError naming the option and its value."""
+def validate_settings(s: SampleSettings, num_classes: int, guidance_input: bool = False) -> None:
+    """Every bad sampling option is a UserError naming the option and its value. `guidance_input`: the model is
+    a guidance-distilled student, which takes w as an input at every step (no two-pass CFG to restrict)."""
+    if guidance_input and s.cfg_interval is not None:
+        lo, hi = s.cfg_interval
+        raise UserError(f"--cfg-interval {lo:g},{hi:g}: this guidance-distilled student takes the scale w as an "
+                        f"input at every σ; an interval applies only to two-pass CFG")
     if s.sampler not in SAMPLER_INFO:
         raise UserError(f"--sampler {s.sampler!r}: unknown; choose one of {', '.join(SAMPLER_INFO)}")
     info = SAMPLER_INFO[s.sampler]
@@ -82,6 +87,25 @@ def validate_settings(s: SampleSettings, num_classes: int) -> None:
     check_class_id(s.class_id, num_classes)
     if s.seed < 0:
         raise UserError(f"--seed {s.seed}: must be ≥ 0")
+
+
+def guidance_range_warning(s: SampleSettings, meta: dict) -> str | None:
+    """A warning when --cfg lies outside the w range a guidance-distilled student was trained on (metadata
+    guidance_w_range): the student then extrapolates its w input."""
+    try:
+        lo, hi = (float(v) for v in json.loads(meta["guidance_w_range"]))
+    except (KeyError, ValueError, TypeError):
+        try:  # a student written before guidance_w_range was recorded: its own guidance recipe
+            r = json.loads(meta["distill_recipe"])
+            if r.get("method") != "guidance":
+                return None
+            lo, hi = float(r["guidance"]["w_min"]), float(r["guidance"]["w_max"])
+        except (KeyError, ValueError, TypeError, AttributeError):
+            return None
+    if lo <= s.cfg <= hi:
+        return None
+    return (f"--cfg {s.cfg:g} is outside the w range [{lo:g}, {hi:g}] this student was distilled for; "
+            f"it extrapolates")
 
 
 def check_class_id(class_id: int | None, num_classes: int) -> None:

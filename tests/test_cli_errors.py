@@ -248,6 +248,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
                                           "{w}/s"], ["--cfg-interval 'abc'"]),
     ("sample: classifier-scale without classifier", ["sample", "{w}/ckpt.safetensors", "--classifier-scale", "1",
                                                      "--out", "{w}/s"], ["--classifier"]),
+    ("sample: classifier without a scale", ["sample", "{w}/ckpt.safetensors", "--classifier", "{w}/ckpt.safetensors",
+                                            "--out", "{w}/s"], ["--classifier", "--classifier-scale"]),
     ("sample: classifier is a denoiser", ["sample", "{w}/ckpt.safetensors", "--classifier", "{w}/ckpt.safetensors",
                                           "--classifier-scale", "1", "--out", "{w}/s"], ["classifier"]),
     ("sample: cfg on unconditional", ["sample", "{w}/uncond.safetensors", "--cfg", "3", "--out", "{w}/s"],

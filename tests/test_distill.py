@@ -453,7 +453,7 @@ def test_reflow_distillation_resumes_bit_exact_from_the_phase_boundary(tiny_ckpt
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_progressive_stage_two_on_a_guidance_distilled_teacher(tiny_ckpt, tmp_path):
+def test_progressive_stage_two_on_a_guidance_distilled_teacher(tiny_ckpt, tmp_path, capsys):
     """Meng et al. 2023, stage two: progressive distillation of a w-conditioned student keeps the w input, and
     the few-step student samples at any --cfg w with one forward per step."""
     from diffcli.checkpoint import load_checkpoint
@@ -485,6 +485,18 @@ def test_progressive_stage_two_on_a_guidance_distilled_teacher(tiny_ckpt, tmp_pa
                      str(out), "--device", "cpu"]) == 0
     info = json.loads((out / "sample.json").read_text())
     assert info["network_evaluations"] == info["nfe"] == 2
+    # both students record the w range; --cfg outside it warns, --cfg-interval (two-pass CFG only) is refused
+    from diffcli.checkpoint import read_header
+
+    for ck in (guided, tmp_path / "p" / "last.safetensors"):
+        assert json.loads(read_header(ck)[1]["guidance_w_range"]) == [1.5, 3.0]
+    capsys.readouterr()
+    assert cli_main(["sample", str(tmp_path / "p" / "last.safetensors"), "--n", "2", "--cfg", "6", "--out",
+                     str(tmp_path / "far"), "--device", "cpu"]) == 0
+    assert "outside the w range [1.5, 3]" in capsys.readouterr().err.replace("\n", " ")
+    assert cli_main(["sample", str(guided), "--n", "2", "--cfg", "2", "--cfg-interval", "0,1", "--out",
+                     str(tmp_path / "interval"), "--device", "cpu"]) == 2
+    assert "--cfg-interval 0,1" in capsys.readouterr().err and not (tmp_path / "interval").exists()
     with pytest.raises(UserError, match="takes no guidance scale"):
         distill(load_distill_recipe(p_rec, ["train.max_steps=4", "progressive.w_min=1"] + STEPS), tiny_ckpt,
                 tmp_path / "bad", **quiet)

@@ -154,6 +154,11 @@ class Distiller:
         extra = {"distill_method": self.method.name, "student_sampler": sampler, "student_steps": str(n),
                  "student_sigmas": json.dumps([float(s) for s in sigmas]), "teacher": str(self.teacher.path.resolve()),
                  "teacher_sha256": self.teacher_hash, "distill_recipe": self.recipe.to_json()}
+        if self.ema.guidance_input:  # the w range it was trained on, carried through stage two (progressive)
+            w = getattr(self.method, "w_range", None)
+            w = json.dumps(list(w)) if w is not None else self.teacher.meta.get("guidance_w_range")
+            if w is not None:
+                extra["guidance_w_range"] = w
         save_denoiser(path, self.ema, self.method.student_recipe(steps), step=step, channels=self.channels,
                       resolution=self.resolution, kind="student", extra=extra)
 

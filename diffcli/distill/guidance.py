@@ -75,5 +75,10 @@ class GuidanceDistillation(Method):
         lam = loss_weight(d.weighting, d.parameterization, sigma, d.sigma_data, d.min_snr_gamma) / c_out**2
         return (lam * (pred - target).square().flatten(1).mean(1)).mean()
 
+    @property
+    def w_range(self) -> tuple[float, float]:
+        """The guidance scales the student is trained on (recorded in every student: metadata guidance_w_range)."""
+        return self.cfg.w_min, self.cfg.w_max
+
     def report(self, eng) -> dict:
-        return {"w_range": [self.cfg.w_min, self.cfg.w_max]}
+        return {"w_range": list(self.w_range)}

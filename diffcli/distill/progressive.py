@@ -70,7 +70,13 @@ def _with_guidance(denoiser, w: Tensor):
 
 
 def teacher_w_range(teacher) -> tuple[float, float]:
-    """The w range a guidance-distilled teacher was trained for (its distill recipe), else Meng et al.'s [1, 4]."""
+    """The w range a guidance-distilled teacher was trained for (metadata guidance_w_range, else its guidance
+    distill recipe), else Meng et al.'s [1, 4]."""
+    try:
+        lo, hi = json.loads(teacher.meta["guidance_w_range"])
+        return float(lo), float(hi)
+    except (KeyError, TypeError, ValueError):
+        pass
     try:
         g = json.loads(teacher.meta.get("distill_recipe", "{}")).get("guidance") or {}
         return float(g["w_min"]), float(g["w_max"])
