@@ -328,9 +328,12 @@ def resolve_reference(ref: str | None, split: str | None, data_root: str | None,
             if not p.exists():
                 raise UserError(f"--ref {ref!r}: neither a dataset ({', '.join(n for n in names if n != 'imagefolder')}),"
                                 f" a folder, nor a statistics file")
-            images = read_folder(p, "--ref")
+            # a diffcli sample folder (sample.json + images/) is read as GENERATED is: its images/, not grid.png
+            sample_folder = (p / "sample.json").is_file() and (p / "images").is_dir()
+            images = read_folder(p / "images" if sample_folder else p, "--ref")
             ext.check_input(tuple(images.shape[1:]), "the reference images")
-            return _reference_from_images(images, ext, {"source": "folder", "path": str(p)})
+            return _reference_from_images(images, ext, {"source": "sample-folder" if sample_folder else "folder",
+                                                        "path": str(p)})
         if ref == "imagefolder":
             raise UserError("--ref 'imagefolder': give the folder itself as --ref")
         name, res, root, dpath = ref, None, data_root, None

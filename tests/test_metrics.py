@@ -291,6 +291,9 @@ def test_checkpoint_and_its_sample_folder_agree(digits_cache, tiny_ckpt, tmp_pat
     assert b["generated"]["source"] == "sample-folder" and b["reference"]["dataset"] == "digits"
     assert a["metrics"]["fid"] == pytest.approx(b["metrics"]["fid"], rel=1e-9)
     assert a["class_accuracy"] == b["class_accuracy"] and b["nfe"] == a["nfe"] and b["seed"] == 0
+    # the same sample folder as --ref: its images/ (not grid.png); against itself the distance is 0
+    c = evaluate(EvalOptions(generated=tmp_path / "s", ref=str(tmp_path / "s"), device="cpu")).records[0]
+    assert c["reference"]["source"] == "sample-folder" and c["metrics"]["fid"] == pytest.approx(0, abs=1e-6)
 
 
 def test_cli_sweep_writes_csv_and_png(digits_cache, tiny_ckpt, tmp_path):
