@@ -153,6 +153,8 @@ def sample(
     tune_draws: int = typer.Option(512, "--tune-draws", help="Noise draws the solver is tuned on (¼ held out)."),
     tune_iters: int = typer.Option(200, "--tune-iters", help="Evaluations (grid) or Adam iterations (bns) of "
                                    "--tune-schedule."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes (devices) to sample on: launches torchrun; the "
+                              "images are identical to one process's."),
 ) -> None:
     """Sample images from a checkpoint into a sample folder (grid.png, images/, sample.json).
 
@@ -161,6 +163,8 @@ def sample(
       diffcli sample runs/digits/last.safetensors --sampler ddim --steps 50 --cfg 2 --out samples/digits
 
       diffcli sample ckpt.safetensors --sampler ddpm --steps 1000 --class 3 --n 16 --out samples/threes
+
+      diffcli sample ckpt.safetensors --nfe 10 --n 10000 --nproc 4 --out samples/big   (or: torchrun … -m diffcli sample …)
     """
     from .samplers import SAMPLER_INFO
 
@@ -190,6 +194,10 @@ def sample(
 
     from . import distributed as dist
 
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: must be ≥ 1")
+    if nproc > 1 and dist.launched():
+        raise UserError(f"--nproc {nproc}: already running under torchrun; give one or the other")
     world, dev = dist.init(resolve_device(device))  # under torchrun: one rank per device, images sharded
     ck = load_checkpoint(checkpoint, dev)
     rs = ck.recipe.sample
@@ -253,6 +261,9 @@ def sample(
 
         resolve_tuned_schedule(ck, s, dev, tune=tune_schedule, draws=tune_draws, iters=tune_iters,
                                method=tune_method, log=_console().print)
+    if nproc > 1:  # every input checked (and a --tune-schedule fitted, once, here): the ranks sample its result
+        argv = [a for a in sys.argv[1:] if a not in ("--debug", "--tune-schedule")]
+        raise typer.Exit(_relaunch_without_nproc(nproc, argv + (["--schedule", "tuned"] if tune_schedule else [])))
     from .generate import generate_sharded
 
     result = generate_sharded(ck.denoiser, ck.channels, ck.resolution, s, device=dev, world=world, classifier=clf)

@@ -60,6 +60,14 @@ def test_two_process_sampling_is_byte_identical(tiny_ckpt, tmp_path):
     assert names == sorted(p.name for p in (tmp_path / "two/images").iterdir()) and len(names) == 7
     for n in names:
         assert (tmp_path / "one/images" / n).read_bytes() == (tmp_path / "two/images" / n).read_bytes(), n
+    # the shortcut `--nproc 2` (it launches torchrun itself; --n spelled out, which torchrun's own parser would
+    # take for an abbreviation of its options) gives the same images
+    r3 = run_cli("sample", tiny_ckpt, *[a if a != "-n" else "--n" for a in args], "--nproc", "2",
+                 "--out", tmp_path / "three")
+    assert r3.returncode == 0, r3.stderr
+    for n in names:
+        assert (tmp_path / "one/images" / n).read_bytes() == (tmp_path / "three/images" / n).read_bytes(), n
+    assert json.loads((tmp_path / "three/sample.json").read_text())["n"] == 7
 
 
 EVAL_ARGS = ["-n", "21", "--batch-size", "4", "--sampler", "ddpm,euler", "--nfe", "3", "--device", "cpu"]
