@@ -348,12 +348,14 @@ def encode(
                                          "(default: unipc; with --decode: the latents file's)."),
     nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser calls per decode (default: 100)."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (adaptive solvers)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="σ spacing: karras | logsnr | uniform | linear."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="σ spacing: karras | logsnr | logsnr_leading | "
+                                           "logsnr_leading_ms | logsnr_linspace | uniform | linear."),
     decode: Optional[Path] = typer.Option(None, "--decode", help="Decode a latents .safetensors file instead."),
     interpolate: bool = typer.Option(False, "--interpolate", help="Slerp between the latents of the two INPUTS."),
-    frames: int = typer.Option(8, "--frames", help="Frames of --interpolate."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frames of --interpolate (default: 8)."),
     nll: bool = typer.Option(False, "--nll", help="Negative log-likelihood in bits/dim (dequantized 8-bit)."),
-    probes: int = typer.Option(4, "--probes", help="Rademacher probes of the Hutchinson trace estimator."),
+    probes: Optional[int] = typer.Option(None, "--probes", help="--nll: Rademacher probes of the Hutchinson trace "
+                                         "estimator (default: 4)."),
     exact_divergence: bool = typer.Option(False, "--exact-divergence", help="Exact trace (small images)."),
     class_id: Optional[int] = typer.Option(None, "--class", help="Class label (default: unconditional)."),
     cfg: float = typer.Option(1.0, "--cfg", help="Guidance scale; ≠ 1 breaks exact invertibility."),
@@ -378,9 +380,14 @@ def encode(
     from .encode import EncodeSettings, run_decode, run_encode
     from .runtime import resolve_device
 
+    if probes is not None and not nll:  # an option that would change nothing is a mistake worth naming
+        raise UserError(f"--probes {probes}: sets the trace estimator of --nll; it needs --nll")
+    if frames is not None and not interpolate:
+        raise UserError(f"--frames {frames}: the frame count of --interpolate; it needs --interpolate")
     s = EncodeSettings(solver=solver, nfe=nfe, rtol=rtol, schedule=schedule, class_id=class_id, cfg=cfg, nll=nll,
-                       probes=probes, exact_divergence=exact_divergence, interpolate=interpolate, frames=frames,
-                       seed=seed, batch_size=batch_size)
+                       probes=4 if probes is None else probes, exact_divergence=exact_divergence,
+                       interpolate=interpolate, frames=8 if frames is None else frames, seed=seed,
+                       batch_size=batch_size)
     if decode is not None and inputs:
         raise UserError(f"--decode {str(decode)!r} takes no INPUTS (got {len(inputs)})")
     if decode is not None and interpolate:
