@@ -507,8 +507,12 @@ def _refuse_escaping_subfolders(out: Path, subfolders: tuple[str, ...]) -> None:
                             f"only inside --out — remove it or choose another folder")
 
 
+_RELAUNCHED = {"torchrun": False}
+
+
 def _relaunch_without_nproc(nproc: int, argv: list[str]) -> int:
     """Drop `--nproc N` / `--nproc=N` from the command line and run it under torchrun."""
+    _RELAUNCHED["torchrun"] = True
     from .distributed import relaunch
 
     clean, skip = [], False
@@ -558,6 +562,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
     try:
         rc = app(args=argv, prog_name="diffcli", standalone_mode=False)
+        if rc == 130 and not _RELAUNCHED["torchrun"]:
+            # typer turns Ctrl-C outside the engines' own signal handling into a silent return of 130 (a
+            # torchrun relaunch passes on its workers' code, and they have said so themselves)
+            print("error: interrupted", file=sys.stderr)
         return rc if isinstance(rc, int) else 0
     except DiffcliError as e:
         if getattr(e, "quiet", False):  # already reported by rank 0 of this torchrun job

@@ -36,3 +36,24 @@ def test_signal_writes_checkpoint_and_exits(tiny_recipe_path, tmp_path, sig, cod
     r = subprocess.run([sys.executable, "-m", "diffcli", "train", "--out", str(out), "--resume",
                         "--max-steps", str(int(cks[0].name[5:12]) + 2)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc to see the process at work")
+def test_ctrl_c_during_sampling_says_interrupted_and_writes_nothing(tiny_ckpt, tmp_path):
+    out = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-m", "diffcli", "sample", str(tiny_ckpt), "--n", "200000", "--nfe", "50",
+                          "--device", "cpu", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and _cpu_seconds(p.pid) < 6:  # imports done, sampling
+        time.sleep(0.2)
+    assert p.poll() is None, p.communicate()[1]
+    os.kill(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip().splitlines() == ["error: interrupted"], err
+    assert not out.exists()
