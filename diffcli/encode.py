@@ -561,7 +561,7 @@ def _prepare_out(out: Path, force: bool) -> None:
         raise UserError(f"--out {str(out)!r} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"--out {str(out)!r} is not empty; choose another folder or pass --force to overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    # the folder itself is made when the results are written: a failure or Ctrl-C before leaves nothing behind
 
 
 def _record_base(ck, spec: ODESpec, s: EncodeSettings, device, mode: str) -> dict:
@@ -636,6 +636,7 @@ def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, devi
             "cfg": repr(s.cfg), "channels": str(ck.channels), "resolution": str(ck.resolution),
             "sources": json.dumps([str(f) for f in files])}
     labels = torch.full((len(files),), -1 if s.class_id is None else s.class_id, dtype=torch.long)
+    out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out, ENCODE_OUTPUTS)  # an earlier encode/decode run's files (--force): never mix two runs
     save_safetensors(out / "latents.safetensors", {"latents": z, "labels": labels}, meta)
     rows = torch.stack([x_all.float(), _latent_view(z, spec.sigma_max), y.float().clamp(-1, 1)], 1)
@@ -750,6 +751,7 @@ def run_decode(ck, latents: Path, out: Path, s: EncodeSettings, *, device: torch
         y, nfe = decode(den, zb, spec, cond=cond, cfg=cfg if cond is not None else 1.0)
         ys.append(y.cpu())
     y = torch.cat(ys) if ys else torch.empty(0, ck.channels, ck.resolution, ck.resolution)
+    out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out, ENCODE_OUTPUTS)  # an earlier encode/decode run's files (--force): never mix two runs
     (out / "images").mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(to_uint8(y)):
