@@ -89,22 +89,30 @@ def validate_settings(s: SampleSettings, num_classes: int, guidance_input: bool 
         raise UserError(f"--seed {s.seed}: must be ≥ 0")
 
 
-def guidance_range_warning(s: SampleSettings, meta: dict) -> str | None:
-    """A warning when --cfg lies outside the w range a guidance-distilled student was trained on (metadata
-    guidance_w_range): the student then extrapolates its w input."""
+def recorded_w_range(meta: dict) -> tuple[float, float] | None:
+    """The w range a guidance-distilled student was trained on: metadata guidance_w_range, or for a student
+    written before that key existed, its own guidance distill recipe; None when neither says."""
     try:
         lo, hi = (float(v) for v in json.loads(meta["guidance_w_range"]))
+        return lo, hi
     except (KeyError, ValueError, TypeError):
-        try:  # a student written before guidance_w_range was recorded: its own guidance recipe
-            r = json.loads(meta["distill_recipe"])
-            if r.get("method") != "guidance":
-                return None
-            lo, hi = float(r["guidance"]["w_min"]), float(r["guidance"]["w_max"])
-        except (KeyError, ValueError, TypeError, AttributeError):
-            return None
-    if lo <= s.cfg <= hi:
+        pass
+    try:
+        r = json.loads(meta["distill_recipe"])
+        if r.get("method") == "guidance":
+            return float(r["guidance"]["w_min"]), float(r["guidance"]["w_max"])
+    except (KeyError, ValueError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def guidance_range_warning(s: SampleSettings, meta: dict) -> str | None:
+    """A warning when --cfg lies outside the w range a guidance-distilled student was trained on: the student
+    then extrapolates its w input."""
+    w = recorded_w_range(meta)
+    if w is None or w[0] <= s.cfg <= w[1]:
         return None
-    return (f"--cfg {s.cfg:g} is outside the w range [{lo:g}, {hi:g}] this student was distilled for; "
+    return (f"--cfg {s.cfg:g} is outside the w range [{w[0]:g}, {w[1]:g}] this student was distilled for; "
             f"it extrapolates")
 
 

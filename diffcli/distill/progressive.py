@@ -20,7 +20,6 @@ forward per step at any w in the range.
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from ..checkpoint import load_checkpoint
 from ..errors import UserError
+from ..generate import recorded_w_range
 from ..samplers import get_sigmas
 from .common import Method, bcast, ddim_step, student_recipe
 
@@ -70,18 +70,9 @@ def _with_guidance(denoiser, w: Tensor):
 
 
 def teacher_w_range(teacher) -> tuple[float, float]:
-    """The w range a guidance-distilled teacher was trained for (metadata guidance_w_range, else its guidance
-    distill recipe), else Meng et al.'s [1, 4]."""
-    try:
-        lo, hi = json.loads(teacher.meta["guidance_w_range"])
-        return float(lo), float(hi)
-    except (KeyError, TypeError, ValueError):
-        pass
-    try:
-        g = json.loads(teacher.meta.get("distill_recipe", "{}")).get("guidance") or {}
-        return float(g["w_min"]), float(g["w_max"])
-    except (KeyError, TypeError, ValueError):
-        return 1.0, 4.0
+    """The w range a guidance-distilled teacher was trained for (generate.recorded_w_range), else Meng et al.'s
+    [1, 4]."""
+    return recorded_w_range(teacher.meta) or (1.0, 4.0)
 
 
 class Progressive(Method):
