@@ -117,8 +117,24 @@ class FileImages(torch.utils.data.Dataset):
         return img, (self.labels[i] if self.labels is not None else -1)
 
 
+_GRAY_MODES = ("L", "LA", "La", "1", "I", "F")  # and every "I;16…" variant
+
+
 def image_channels(mode: str) -> int:
-    return 1 if mode in ("L", "1", "I", "I;16", "F") else 3
+    return 1 if mode in _GRAY_MODES or mode.startswith("I;16") else 3
+
+
+def _to_8bit(im):
+    """A high-bit-depth grayscale PIL image (I;16*, I, F) as mode L, scaled, not clipped: PIL's convert("L")
+    clips such values to 255 and turns a 16-bit scan into a white page."""
+    from PIL import Image
+
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        top = 1.0 if a.size and a.max() <= 1.0 else 255.0
+    else:  # 16-bit content (I;16, or I holding 16-bit values); I with 8-bit values stays as it is
+        top = 65535.0 if im.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
+    return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
 
 
 def read_image(path: Path, channels: int | None, resolution: int | None,
@@ -134,6 +150,8 @@ def read_image(path: Path, channels: int | None, resolution: int | None,
             c = image_channels(mode)
             if channels is not None and c != channels:
                 raise UserError(f"{path}: has {c} channel(s), the dataset has {channels}")
+            if mode in ("I", "F") or mode.startswith("I;16"):
+                im = _to_8bit(im)
             im = im.convert("L" if c == 1 else "RGB")
             if crop is not None:
                 top, left, h, w = crop

@@ -76,3 +76,23 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, name):
     with pytest.raises(UserError) as e:
         load_dataset(DataConfig(name=name, root=str(tmp_path), class_conditional=name != "celeba"))
     assert "download" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sixteen_bit_and_gray_alpha_images_are_read_scaled(tmp_path):
+    """A 16-bit grayscale PNG is scaled to 8 bits (PIL's convert("L") would clip it to a white page), and
+    grayscale + alpha is one channel, like grayscale."""
+    import numpy as np
+    from PIL import Image
+
+    from diffcli.data import read_image
+
+    a = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)  # 0 … 63000 of 65535
+    Image.fromarray(a).save(tmp_path / "i16.png")
+    assert Image.open(tmp_path / "i16.png").mode == "I;16"
+    t = read_image(tmp_path / "i16.png", None, None)
+    expect = np.rint(a / 65535 * 255) / 127.5 - 1
+    assert t.shape == (1, 8, 8) and np.allclose(t[0].numpy(), expect, atol=1e-6)
+    la = np.stack([np.arange(64).reshape(8, 8) * 4, np.full((8, 8), 255)], -1).astype(np.uint8)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    t = read_image(tmp_path / "la.png", None, None)
+    assert t.shape == (1, 8, 8) and np.allclose(t[0].numpy(), la[..., 0] / 127.5 - 1, atol=1e-6)
