@@ -84,6 +84,24 @@ class DiffusionConfig(_Strict):
             raise ValueError(f"beta_start = {self.beta_start} must be below beta_end = {self.beta_end}")
         if self.sigma_sampling == "discrete" and not self.process.startswith("vp_"):
             raise ValueError(f"sigma_sampling = 'discrete' needs a VP process, not process = {self.process!r}")
+        # the range the process will really have, defaults included: one end set against the other's default,
+        # or a VP schedule whose ᾱ_T underflows (σ_max = ∞), would only fail at the first sample or as a NaN loss
+        from .processes import make_process
+
+        try:
+            p = make_process(self.process, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                             sigma_data=self.sigma_data, timesteps=self.timesteps, beta_start=self.beta_start,
+                             beta_end=self.beta_end)
+        except (ArithmeticError, RuntimeError) as e:
+            raise ValueError(f"the {self.process} process cannot be built from these values ({e})") from None
+        if not math.isfinite(p.sigma_max):
+            raise ValueError(f"beta_end = {self.beta_end}, timesteps = {self.timesteps}: the {self.process} "
+                             f"schedule's ᾱ_T underflows to 0 (σ_max = ∞); lower beta_end or timesteps")
+        if not 0 < p.sigma_min < p.sigma_max:
+            which = ("sigma_max" if self.sigma_max is not None else "sigma_min") \
+                if (self.sigma_min is None) != (self.sigma_max is None) else "sigma_min"
+            raise ValueError(f"{which} = {getattr(self, which)}: the {self.process} process then has σ_min = "
+                             f"{p.sigma_min:g} ≥ σ_max = {p.sigma_max:g} (set both, σ_min < σ_max)")
         return self
 
 

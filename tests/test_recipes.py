@@ -92,3 +92,17 @@ def test_shipped_distill_recipes_validate(name):
 
     r = load_distill_recipe(f"recipes/{name}.toml")
     assert r.method == name.split("-")[1]
+
+
+@pytest.mark.parametrize("over, needle", [
+    (["diffusion.process='ve'", "diffusion.sigma_max=0.005"], "sigma_max = 0.005"),
+    (["diffusion.process='edm'", "diffusion.sigma_min=100"], "sigma_min = 100"),
+    (["diffusion.process='vp_linear'", "diffusion.beta_end=0.9"], "beta_end = 0.9"),
+])
+def test_sigma_range_is_checked_against_the_process_defaults(tmp_path, over, needle):
+    """One end of σ set past the other end's default, or a VP schedule whose ᾱ_T underflows (σ_max = ∞), is
+    refused at load — not at the end-of-run sample grid or as a NaN loss at the first step."""
+    p = tmp_path / "r.toml"
+    p.write_text('name = "r"\n[data]\nname = "digits"\n')
+    with pytest.raises(UserError, match=needle):
+        load_recipe(p, [o.replace("'", '"') for o in over])
