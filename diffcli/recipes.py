@@ -171,6 +171,22 @@ class SampleConfig(_Strict):
     _sampler = field_validator("sampler")(lambda cls, v: _known_sampler(v))
 
 
+def model_resolution_problem(m: "ModelConfig", res: int) -> str | None:
+    """What is wrong with the UNet for images of res × res, or None: its down-sampling must divide res and its
+    attention resolutions must be among its levels. Checked at recipe load where the resolution is known, and
+    by `diffcli train` once an image folder without data.resolution is read."""
+    down = 2 ** (len(m.channel_mult) - 1)
+    if res % down:
+        return (f"model.channel_mult = {m.channel_mult} down-samples {down}×, which does not divide the "
+                f"resolution {res}")
+    levels = {res // 2**i for i in range(len(m.channel_mult))}
+    for r in m.attention_resolutions:
+        if r not in levels:
+            return (f"model.attention_resolutions has {r}, not one of the UNet's resolutions "
+                    f"{sorted(levels, reverse=True)}")
+    return None
+
+
 class Recipe(_Strict):
     task: Literal["denoiser", "classifier"] = "denoiser"
     name: Optional[str] = None
@@ -192,16 +208,9 @@ class Recipe(_Strict):
         if self.task == "classifier" and not labelled:
             raise ValueError(f"task = 'classifier' needs a labelled dataset, not data.name = {d.name!r}")
         res = d.resolution or {"digits": 8, "mnist": 28, "cifar10": 32, "celeba": 64}.get(d.name)
-        if res is not None:
-            down = 2 ** (len(m.channel_mult) - 1)
-            if res % down:
-                raise ValueError(f"model.channel_mult = {m.channel_mult} down-samples {down}×, "
-                                 f"which does not divide the resolution {res}")
-            levels = {res // 2**i for i in range(len(m.channel_mult))}
-            for r in m.attention_resolutions:
-                if r not in levels:
-                    raise ValueError(f"model.attention_resolutions has {r}, not one of the UNet's resolutions "
-                                     f"{sorted(levels, reverse=True)}")
+        problem = model_resolution_problem(m, res) if res is not None else None
+        if problem:
+            raise ValueError(problem)
         # attention splits a width c into max(1, c // head_channels) heads, which must divide c: the middle block
         # (deepest width) always attends, the other levels where their resolution is listed
         widths = {m.channels * m.channel_mult[-1]}

@@ -32,7 +32,7 @@ from .denoiser import Denoiser
 from .errors import Interrupted, RunFailure, UserError
 from .generate import SampleSettings, generate
 from .images import save_grid
-from .recipes import Recipe, load_recipe
+from .recipes import Recipe, load_recipe, model_resolution_problem
 from . import distributed as dist
 from .runtime import mix_seed, progress, resolve_device
 
@@ -333,19 +333,22 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     # The dataset before the run folder: a missing or broken dataset must fail before the folder is created,
     # resumed or (with --force) emptied. A resumed run's recipe equals this one but for the step budget.
     data = load_dataset(recipe.data)
+    if len(data) == 0:
+        raise UserError(f"data.name = {recipe.data.name!r}: the dataset is empty")
+    problem = model_resolution_problem(recipe.model, data.resolution)  # an image folder's size is known only now
+    if problem:
+        raise UserError(f"{problem} of data.path = {recipe.data.path!r}" if recipe.data.path else problem)
     world, dev = dist.init(dev)
+    if recipe.train.batch_size < world.size:
+        raise UserError(f"train.batch_size = {recipe.train.batch_size} is smaller than the {world.size} processes")
     if world.is_main:
         recipe = prepare_run_folder(out, recipe, resume=resume, force=force)
     dist.barrier(world)  # the other ranks see the folder rank 0 prepared (cleared, or resumed)
     if not world.is_main:
         recipe = prepare_run_folder(out, recipe, resume=resume, force=False)
     t = recipe.train
-    if t.batch_size < world.size:
-        raise UserError(f"train.batch_size = {t.batch_size} is smaller than the {world.size} processes")
     if data.skipped:
         log(f"skipped {data.skipped} unreadable image(s)")
-    if len(data) == 0:
-        raise UserError(f"data.name = {recipe.data.name!r}: the dataset is empty")
     num_classes = data.num_classes
 
     torch.manual_seed(mix_seed(t.seed, 0, 3))  # initial weights depend only on the seed

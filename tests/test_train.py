@@ -101,3 +101,18 @@ def test_bf16_autocast_trains_and_saves_float32(tiny_recipe_path, tmp_path):
         assert abs(la - lb) < 0.02 * la, (a, b)
     w = load_file(str(bf16 / "last.safetensors"))
     assert all(v.dtype == torch.float32 for v in w.values() if v.is_floating_point())
+
+
+def test_image_folder_size_the_unet_cannot_halve_is_refused_before_the_run_folder(tiny_recipe_path, tmp_path):
+    """An image folder without data.resolution has its size known only once read: a UNet whose down-sampling
+    does not divide it is bad input then, before anything is written (not a shape error mid-step)."""
+    from PIL import Image
+
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(4):
+        Image.new("L", (14, 10), color=40 * i).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    rec = load_recipe(tiny_recipe_path, ["data.name=\"imagefolder\"", f"data.path=\"{tmp_path / 'imgs'}\"",
+                                         "model.channel_mult=[1,2,2]", "train.p_uncond=0", "train.max_steps=1"])
+    with pytest.raises(UserError, match=r"channel_mult = \[1, 2, 2\].*resolution 10"):
+        train(rec, tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run").exists()
