@@ -251,8 +251,9 @@ def sample(
         check_classifier_matches(clf_meta, classifier, ck.meta, ck.denoiser.num_classes)
     elif classifier_scale != 0:
         raise UserError(f"--classifier-scale {classifier_scale}: needs --classifier CKPT")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file, not a folder")
+    from .runtime import check_out_folder
+
+    check_out_folder(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"--out {str(out)!r} is not empty; choose another folder or pass --force to overwrite")
     _refuse_escaping_subfolders(out, ("images",))

@@ -58,6 +58,7 @@ from torch import Tensor
 from .errors import UserError
 from .generate import check_class_id
 from .guidance import Conditioned
+from .runtime import check_out_folder
 from .samplers import SAMPLER_INFO, SAMPLERS, SCHEDULES, NFECounter, get_sigmas
 
 LATENTS_KIND = "latents"
@@ -557,8 +558,7 @@ def _finite(v):
 
 
 def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file, not a folder")
+    check_out_folder(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"--out {str(out)!r} is not empty; choose another folder or pass --force to overwrite")
     # the folder itself is made when the results are written: a failure or Ctrl-C before leaves nothing behind

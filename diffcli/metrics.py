@@ -520,8 +520,10 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         raise UserError(f"--seed {opts.seed}: must be ≥ 0")
     if opts.inception_weights is not None and not Path(opts.inception_weights).is_file():
         raise UserError(f"--inception-weights {str(opts.inception_weights)!r}: no such file")
-    if opts.out is not None and Path(opts.out).exists() and not Path(opts.out).is_dir():
-        raise UserError(f"--out {str(opts.out)!r} is a file, not a folder")
+    if opts.out is not None:
+        from .runtime import check_out_folder
+
+        check_out_folder(opts.out)
     if opts.out is not None and not opts.force and any((Path(opts.out) / f).exists() for f in SWEEP_FILES):
         raise UserError(f"--out {str(opts.out)!r} already holds an eval-fid sweep; choose another folder or pass "
                         f"--force to replace it")
@@ -806,8 +808,9 @@ def write_sweep(out: Path, records: list[dict]) -> list[Path]:
     """OUT/eval_fid.csv (one row per sampler × NFE), OUT/eval_fid.png (metric vs NFE), OUT/eval_fid.json."""
     from .checkpoint import atomic_write_text
 
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file, not a folder")
+    from .runtime import check_out_folder
+
+    check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")

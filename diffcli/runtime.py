@@ -8,6 +8,21 @@ import torch
 from .errors import UserError
 
 
+def check_out_folder(out, option: str = "--out") -> None:
+    """An output folder must be a folder or not exist yet, and so must its nearest existing ancestor: a path
+    through a file would fail only at the first write, after all the work."""
+    from pathlib import Path
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {str(out)!r} is a file, not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {str(out)!r}: {str(parent)!r} is a file, not a folder")
+            return
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` -> cuda when available, else cpu; anything else must be a device torch knows and has."""
     if name == "auto":

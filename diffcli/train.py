@@ -34,7 +34,7 @@ from .generate import SampleSettings, generate
 from .images import save_grid
 from .recipes import Recipe, load_recipe, model_resolution_problem
 from . import distributed as dist
-from .runtime import mix_seed, progress, resolve_device
+from .runtime import check_out_folder, mix_seed, progress, resolve_device
 
 RUN_FILES = ("recipe.toml", "checkpoints", "samples", "last.safetensors", "metrics.csv")
 METRICS_HEADER = ["step", "loss", "lr", "images_per_s", "seconds"]
@@ -55,8 +55,7 @@ class TrainResult:
 # --- run folder -------------------------------------------------------------------------------------------
 def check_run_folder(out: Path, *, resume: bool, force: bool) -> None:
     """The run-folder checks of `prepare_run_folder` that change nothing (for a launcher to run first)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file, not a folder")
+    check_out_folder(out)
     if resume and force:
         raise UserError("--resume continues a run and --force deletes it: give one of them")
     if resume and not (out / "recipe.toml").exists():
