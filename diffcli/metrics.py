@@ -300,6 +300,14 @@ class Extractor:
         return {k: feats[k] for k in layers}
 
 
+def _ref_is_one_set(ref: str) -> bool:
+    """--ref names a statistics file or a folder (one set of images), not a dataset with splits."""
+    from .recipes import DataConfig
+
+    names = DataConfig.model_fields["name"].annotation.__args__  # type: ignore[union-attr]
+    return Path(ref).suffix == ".safetensors" or ref not in names
+
+
 def resolve_reference(ref: str | None, split: str | None, data_root: str | None, ext: Extractor, *,
                       default: dict | None, cache: bool, log=None) -> Reference:
     """Reference features from a stats file, a folder, or a dataset (cached). `default` is the checkpoint's
@@ -520,6 +528,9 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         raise UserError(f"--seed {opts.seed}: must be ≥ 0")
     if opts.inception_weights is not None and not Path(opts.inception_weights).is_file():
         raise UserError(f"--inception-weights {str(opts.inception_weights)!r}: no such file")
+    if opts.ref_split is not None and opts.ref is not None and _ref_is_one_set(opts.ref):
+        raise UserError(f"--ref-split {opts.ref_split!r}: --ref {opts.ref!r} is a statistics file or a folder, "
+                        f"which has no splits; --ref-split applies to a dataset name")
     if opts.out is not None:
         from .runtime import check_out_folder
 

@@ -238,6 +238,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["--steps or --nfe"]),
     ("sample: out under a file", ["sample", "{w}/ckpt.safetensors", "--n", "2", "--out", "{w}/a_file/sub"],
      ["--out", "a_file", "is a file"]),
+    ("eval-fid: ref-split with a folder", ["eval-fid", "{w}/good_imgs", "--ref", "{w}/good_imgs", "--ref-split",
+                                          "test"], ["--ref-split 'test'", "no splits"]),
     ("eval-fid: out under a file", ["eval-fid", "{w}/ckpt.safetensors", "--n", "4", "--nfe", "2", "--sampler",
                                     "ddim,euler", "--out", "{w}/a_file/ev"], ["--out", "a_file", "is a file"]),
     ("train: out under a file", ["train", "{w}/tiny.toml", "--out", "{w}/a_file/run"], ["--out", "a_file"]),
