@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
-from .errors import DiffcliError, UserError
+from .errors import DiffcliError, Interrupted, UserError
 
 app = typer.Typer(
     name="diffcli", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -570,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
         return rc if isinstance(rc, int) else 0
     except DiffcliError as e:
         if getattr(e, "quiet", False):  # already reported by rank 0 of this torchrun job
+            return e.exit_code
+        if os.environ.get("RANK", "0") != "0" and isinstance(e, (UserError, Interrupted)):
+            # under torchrun every rank meets the same bad input and the same signal: rank 0 says it, once
             return e.exit_code
         if debug:  # the traceback, and still the exit code scripts rely on
             traceback.print_exc()

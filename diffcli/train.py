@@ -359,8 +359,9 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
         found = latest_state(out)
         if found is not None:
             start = load_state(found[1], denoiser.net, ema.net, opt, expect_step=found[0])
-            log(f"resumed {out} at step {start}")
-        else:
+            if world.is_main:
+                log(f"resumed {out} at step {start}")
+        elif world.is_main:
             log(f"no checkpoint in {out} yet; starting at step 0")
     # Written only now, so that a refused --resume (lost or corrupt state) leaves the run folder untouched.
     if world.is_main:

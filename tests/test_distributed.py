@@ -106,3 +106,12 @@ def test_eval_fid_bad_input_reported_once(digits_cache, tiny_ckpt, tmp_path):
     assert r.returncode != 0
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert errors == ["error: --metrics 'fid,bogus': unknown metric 'bogus'; choose from fid, kid, is, pr"], r.stderr
+
+
+def test_train_bad_data_under_two_processes_is_reported_once(tiny_recipe_path, tmp_path):
+    """Every rank meets the same missing image folder; only rank 0 says so (exit 2), and no run folder is left."""
+    r = run_cli("train", tiny_recipe_path, "--out", tmp_path / "run", "--nproc", "2", "--set",
+                'data.name="imagefolder"', "--set", f'data.path="{tmp_path / "nowhere"}"', "--set", "train.p_uncond=0")
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1 and "data.path" in errors[0], r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
