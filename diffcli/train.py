@@ -86,8 +86,9 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool, 
             d["train"].pop("max_steps"), d["train"].pop("max_minutes")
         diff = sorted(_diff_keys(a, b))
         if diff:
+            shown = ", ".join(f"{k} ({_value_at(a, k)!r} in the run, {_value_at(b, k)!r} given)" for k in diff[:4])
             raise UserError(f"--resume {str(out)!r}: the recipe differs from the run's recipe.toml in "
-                            f"{', '.join(diff[:6])}; resume with the run's own recipe")
+                            f"{shown}{' and more' if len(diff) > 4 else ''}; resume with the run's own recipe")
         saved.train.max_steps, saved.train.max_minutes = recipe.train.max_steps, recipe.train.max_minutes
         _clean_run_temporaries(out)
         return saved
@@ -104,6 +105,13 @@ def _clean_run_temporaries(out: Path) -> None:
     """Leftovers of atomic writes killed mid-save, in the folders a run writes to (and only there)."""
     for folder in (out, out / "checkpoints", out / "samples"):
         clean_temporaries(folder)
+
+
+def _value_at(d: dict, key: str):
+    """d["a"]["b"] for key "a.b" (None where the path ends early)."""
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -334,6 +342,9 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     data = load_dataset(recipe.data)
     if len(data) == 0:
         raise UserError(f"data.name = {recipe.data.name!r}: the dataset is empty")
+    if recipe.train.p_uncond > 0 and data.num_classes == 0:  # an image folder without class sub-folders
+        raise UserError(f"train.p_uncond = {recipe.train.p_uncond} (CFG label dropout) needs classes, but "
+                        f"data.path = {recipe.data.path!r} has no class sub-folders; set train.p_uncond = 0")
     problem = model_resolution_problem(recipe.model, data.resolution)  # an image folder's size is known only now
     if problem:
         raise UserError(f"{problem} of data.path = {recipe.data.path!r}" if recipe.data.path else problem)

@@ -116,3 +116,18 @@ def test_image_folder_size_the_unet_cannot_halve_is_refused_before_the_run_folde
     with pytest.raises(UserError, match=r"channel_mult = \[1, 2, 2\].*resolution 10"):
         train(rec, tmp_path / "run", **QUIET)
     assert not (tmp_path / "run").exists()
+
+
+def test_cfg_dropout_on_a_folder_without_classes_is_refused(tiny_recipe_path, tmp_path):
+    """train.p_uncond > 0 on an image folder without class sub-folders would train an unconditional model
+    while the recipe asks for CFG: bad input once the folder is read, before the run folder."""
+    from PIL import Image
+
+    (tmp_path / "flat").mkdir()
+    for i in range(4):
+        Image.new("L", (8, 8), color=40 * i).save(tmp_path / "flat" / f"{i}.png")
+    rec = load_recipe(tiny_recipe_path, ["data.name=\"imagefolder\"", f"data.path=\"{tmp_path / 'flat'}\"",
+                                         "train.p_uncond=0.1", "train.max_steps=1"])
+    with pytest.raises(UserError, match=r"train.p_uncond = 0.1 .*no class sub-folders"):
+        train(rec, tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run").exists()
