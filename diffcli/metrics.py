@@ -739,7 +739,8 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult | None:
             from .features import class_accuracy
 
             acc = class_accuracy(torch.cat([q["images"] for q in parts]), labels, seed=opts.digits_seed)
-        w = small_n_warnings(n_images, p.ref.n, int(p.ref.features.shape[1]))
+        # FID's small-n caveats concern FID alone: a KID / IS / precision-recall run does not get them
+        w = small_n_warnings(n_images, p.ref.n, int(p.ref.features.shape[1])) if "fid" in metrics else []
         rec.update({
             "metrics": vals, "metrics_requested": metrics, "class_accuracy": acc, "n_generated": n_images,
             "kid_subset_size": min(KID_SUBSET_SIZE, n_images, p.ref.n) if "kid" in metrics else None,
