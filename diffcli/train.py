@@ -470,6 +470,7 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
                 dist.all_reduce(flags, world, "max")
                 if sigs.received is None and flags[0] > 0:
                     sigs.received = int(flags[0])
+                synced_signal = int(flags[0]) or None  # what every rank acts on at this step
                 budget_spent = bool(flags[1] > 0)
                 gl = dist.all_reduce(gl.reshape(1), world, "sum")[0]
             opt.zero_grad(set_to_none=True)
@@ -503,7 +504,10 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
             step += 1
             # Rows are also cut at every checkpoint, so a resumed run logs the very same windows.
             log_row = step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.max_steps
-            stop = bool(budget_spent or sigs.received)
+            # one reading of the signal flag per step: a signal arriving between the checkpoint decision and
+            # the exit below must not exit without the checkpoint (it is acted on at the next step instead)
+            signalled = synced_signal if world.distributed else sigs.received
+            stop = bool(budget_spent or signalled)
             if not (log_row or stop or step % t.sample_every == 0):
                 bar.update(task, completed=step)
                 continue
@@ -534,8 +538,8 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
                 last_ck = checkpoint(step)
             if world.is_main and (step % t.sample_every == 0 or step == t.max_steps or budget_spent):
                 sample_grid(step)
-            if sigs.received:
-                code = 128 + sigs.received
+            if signalled:
+                code = 128 + signalled
                 raise Interrupted(f"interrupted at step {step}; checkpoint {last_ck} written. Resume with: "
                                   f"diffcli train {out / 'recipe.toml'} --out {out} --resume", code)
             if budget_spent:

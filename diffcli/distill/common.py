@@ -288,24 +288,25 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
             step += 1
             bar.update(task, completed=step, info=f"loss {loss_v:.4f}")
             budget = t.max_minutes is not None and (time.perf_counter() - t0) > 60 * t.max_minutes
+            signalled = sigs.received  # read once: a later signal waits for the next step's checkpoint
             if step in finished:
                 eng.save_student(out / "students" / f"steps_{finished[step]:03d}.safetensors", step, finished[step])
                 log(f"step {step}: student with {finished[step]} step(s) → students/steps_{finished[step]:03d}.safetensors")
             if (step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == total or budget
-                    or sigs.received or step in finished):
+                    or signalled or step in finished):
                 now = time.perf_counter()
                 metrics.write([step, f"{sum(window) / len(window):.8g}", f"{lr:.6g}",
                                f"{window_imgs / max(now - window_t, 1e-9):.1f}",
                                f"{metrics.seconds_before + now - t0:.2f}"])
                 window, window_imgs, window_t = [], 0, now
-            if step % t.checkpoint_every == 0 or step == total or budget or sigs.received or step in finished:
+            if step % t.checkpoint_every == 0 or step == total or budget or signalled or step in finished:
                 last_ck = checkpoint(step)
             if step % t.sample_every == 0 or step == total:
                 eng.sample_grid(out / "samples" / f"step_{step:07d}.png", t.sample_grid)
-            if sigs.received:
+            if signalled:
                 raise Interrupted(f"interrupted at step {step}; checkpoint {last_ck} written. Resume with: diffcli "
                                   f"distill {out / 'recipe.toml'} --teacher {teacher.path} --out {out} --resume",
-                                  128 + sigs.received)
+                                  128 + signalled)
             if budget:
                 log(f"train.max_minutes = {t.max_minutes} spent at step {step} of {total}")
                 break
