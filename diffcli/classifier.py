@@ -110,12 +110,15 @@ def train_classifier(recipe: Recipe, out: Path, *, resume: bool = False, force: 
     from .data import load_dataset
     from .runtime import mix_seed, progress, resolve_device
 
-    recipe = T.prepare_run_folder(out, recipe, resume=resume, force=force)
-    t = recipe.train
-    dev = resolve_device(device or t.device)
+    # as for a denoiser run: the folder's state, the device and the dataset are checked before the folder is
+    # created, resumed or (with --force) emptied; a resumed run's recipe equals this one but for the budget
+    T.check_run_folder(out, resume=resume, force=force)
+    dev = resolve_device(device or recipe.train.device)
     data = load_dataset(recipe.data)
     if not data.num_classes:
         raise UserError(f"data.name = {recipe.data.name!r}: task = 'classifier' needs labels")
+    recipe = T.prepare_run_folder(out, recipe, resume=resume, force=force)
+    t = recipe.train
     atomic_write_bytes(out / "recipe.toml", recipe.to_toml().encode())
     torch.manual_seed(mix_seed(t.seed, 0, 3))
     clf = build_classifier(recipe, data.channels, data.num_classes).to(dev)

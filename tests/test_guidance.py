@@ -160,3 +160,16 @@ def test_classifier_mismatch_and_bad_guidance_options_exit_2(classifier_run, tin
         err = capsys.readouterr().err
         assert rc == 2, (args, err)
         assert needle in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_classifier_force_with_a_broken_dataset_keeps_the_old_run(classifier_run, tmp_path):
+    """As for a denoiser run: the dataset is loaded before --force empties the run folder."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(classifier_run / "run", run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = run_cli("train", classifier_run / "clf.toml", "--out", run, "--force", "--set", 'data.name="imagefolder"',
+                "--set", f'data.path="{tmp_path / "nowhere"}"')
+    assert r.returncode == 2 and "data.path" in r.stderr, r.stderr
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
