@@ -300,21 +300,23 @@ class Extractor:
         return {k: feats[k] for k in layers}
 
 
-def _ref_is_one_set(ref: str) -> bool:
-    """--ref names a statistics file or a folder (one set of images), not a dataset with splits."""
+def _dataset_names() -> tuple[str, ...]:
+    """The dataset names a recipe (and --ref) accepts."""
     from .recipes import DataConfig
 
-    names = DataConfig.model_fields["name"].annotation.__args__  # type: ignore[union-attr]
-    return Path(ref).suffix == ".safetensors" or ref not in names
+    return DataConfig.model_fields["name"].annotation.__args__  # type: ignore[union-attr]
+
+
+def _ref_is_one_set(ref: str) -> bool:
+    """--ref names a statistics file or a folder (one set of images), not a dataset with splits."""
+    return Path(ref).suffix == ".safetensors" or ref not in _dataset_names()
 
 
 def resolve_reference(ref: str | None, split: str | None, data_root: str | None, ext: Extractor, *,
                       default: dict | None, cache: bool, log=None) -> Reference:
     """Reference features from a stats file, a folder, or a dataset (cached). `default` is the checkpoint's
     data config (name, split, root, resolution, path) used when `ref` is None."""
-    from .recipes import DataConfig
-
-    names = DataConfig.model_fields["name"].annotation.__args__  # type: ignore[union-attr]
+    names = _dataset_names()
     if ref is None:
         if default is None:
             raise UserError("--ref is needed: the generated set is a folder without a checkpoint to take the "

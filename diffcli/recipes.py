@@ -98,8 +98,7 @@ class DiffusionConfig(_Strict):
             raise ValueError(f"beta_end = {self.beta_end}, timesteps = {self.timesteps}: the {self.process} "
                              f"schedule's ᾱ_T underflows to 0 (σ_max = ∞); lower beta_end or timesteps")
         if not 0 < p.sigma_min < p.sigma_max:
-            which = ("sigma_max" if self.sigma_max is not None else "sigma_min") \
-                if (self.sigma_min is None) != (self.sigma_max is None) else "sigma_min"
+            which = "sigma_max" if self.sigma_min is None and self.sigma_max is not None else "sigma_min"
             raise ValueError(f"{which} = {getattr(self, which)}: the {self.process} process then has σ_min = "
                              f"{p.sigma_min:g} ≥ σ_max = {p.sigma_max:g} (set both, σ_min < σ_max)")
         return self
