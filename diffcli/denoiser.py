@@ -178,7 +178,8 @@ class Denoiser(nn.Module):
         pred, c_skip, c_out = self.raw(x, sigma, cond, net=net)
         target = (x0 - c_skip * x) / c_out
         w = loss_weight(self.weighting, self.parameterization, sigma, self.sigma_data, self.min_snr_gamma)
-        return w * (pred - target).square().flatten(1).mean(1)
+        # a mean over the non-batch dims, not flatten(1): no copy of a channels_last batch
+        return w * (pred - target).square().mean(dim=tuple(range(1, pred.dim())))
 
 
 DenoiserFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]

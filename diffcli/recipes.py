@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import UserError
 
@@ -128,6 +129,8 @@ class TrainConfig(_Strict):
     device: str = "auto"
     skip_nonfinite: int = Field(0, ge=0)
     compile: bool = False
+    # channels_last weights and batches: "auto" turns it on where it was measured to pay (diffcli.runtime)
+    channels_last: Union[StrictBool, Literal["auto"]] = "auto"
 
     @model_validator(mode="after")
     def _ema(self) -> "TrainConfig":

@@ -34,7 +34,8 @@ from .generate import SampleSettings, generate
 from .images import save_grid
 from .recipes import Recipe, load_recipe, model_resolution_problem
 from . import distributed as dist
-from .runtime import check_out_folder, mix_seed, progress, resolve_device
+from .runtime import (check_out_folder, mix_seed, progress, resolve_device, to_channels_last,
+                      use_channels_last)
 
 RUN_FILES = ("recipe.toml", "checkpoints", "samples", "last.safetensors", "metrics.csv")
 METRICS_HEADER = ["step", "loss", "lr", "images_per_s", "seconds"]
@@ -247,6 +248,19 @@ def make_optimizer(params, *, lr: float, betas: tuple[float, float] = (0.9, 0.99
         return torch.optim.AdamW(params, **kw)
 
 
+def match_state_strides(opt: torch.optim.Optimizer) -> None:
+    """Give each parameter's optimizer state (exp_avg, exp_avg_sq, …) the parameter's own memory layout.
+
+    Optimizer.load_state_dict restores the moments contiguous; after a resume with channels_last weights the
+    fused AdamW kernel would then pair elements of different positions (seen: wrong updates, not an error)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def lr_at(recipe: Recipe, step: int) -> float:
     t = recipe.train
     lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
@@ -293,6 +307,7 @@ def load_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, opt: torc
                 _, pid, name = k.split(".", 2)
                 state.setdefault(int(pid), {})[name] = v
         opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        match_state_strides(opt)
         return int(meta["step"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise UserError(f"{path}: training state does not match the run ({str(e).splitlines()[0][:160]})") from None
@@ -363,6 +378,11 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
 
     torch.manual_seed(mix_seed(t.seed, 0, 3))  # initial weights depend only on the seed
     denoiser = build_denoiser(recipe, data.channels, data.resolution, num_classes).to(dev)
+    # channels_last before the EMA copy and the optimizer, so weights, EMA, gradients and AdAM moments share
+    # one layout (checkpoints are written contiguous: the file format does not change)
+    channels_last = use_channels_last(t.channels_last, dev, t.bf16)
+    if channels_last:
+        denoiser.net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = make_optimizer(denoiser.net.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
     start = 0
@@ -453,6 +473,7 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
             sigma = denoiser.process.sample_sigma(B, g, method=denoiser.sigma_sampling, p_mean=denoiser.p_mean,
                                                   p_std=denoiser.p_std)[lo:hi]
             noise = torch.randn((B, *x0.shape[1:]), generator=g)[lo:hi].to(dev)
+            x0, noise = to_channels_last(x0, channels_last), to_channels_last(noise, channels_last)
             lr = lr_at(recipe, step)
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -20,14 +20,16 @@ def _loss_column(run):
         return [(r["step"], r["loss"]) for r in csv.DictReader(f)]
 
 
-def test_resume_is_bit_exact(tiny_recipe_path, tmp_path):
-    """N steps, stop, resume to 2N equals 2N straight: raw weights, EMA, optimizer state and the loss column."""
-    over = ["train.max_steps=12", "train.checkpoint_every=6", "train.sample_every=1000", "train.log_every=3",
+@pytest.mark.parametrize("channels_last", ["true", "false"])
+def test_resume_is_bit_exact(tiny_recipe_path, tmp_path, channels_last):
+    """N steps, stop, resume to 2N equals 2N straight: raw weights, EMA, optimizer state and the loss column —
+    in both memory layouts (a channels_last resume must re-stride the restored Adam moments)."""
+    over = [f"train.channels_last={channels_last}", "train.max_steps=12", "train.checkpoint_every=6", "train.sample_every=1000", "train.log_every=3",
             "train.sample_grid=4", "data.hflip=true", "model.dropout=0.1"]
     straight = tmp_path / "straight"
     train(load_recipe(tiny_recipe_path, over), straight, **QUIET)
     resumed = tmp_path / "resumed"
-    train(load_recipe(tiny_recipe_path, ["train.max_steps=6"] + over[1:]), resumed, **QUIET)
+    train(load_recipe(tiny_recipe_path, ["train.max_steps=6"] + over[:1] + over[2:]), resumed, **QUIET)
     train(load_recipe(tiny_recipe_path, over), resumed, resume=True, **QUIET)
     a = load_file(str(straight / "checkpoints/step_0000012.state.safetensors"))
     b = load_file(str(resumed / "checkpoints/step_0000012.state.safetensors"))
@@ -131,3 +133,63 @@ def test_cfg_dropout_on_a_folder_without_classes_is_refused(tiny_recipe_path, tm
     with pytest.raises(UserError, match=r"train.p_uncond = 0.1 .*no class sub-folders"):
         train(rec, tmp_path / "run", **QUIET)
     assert not (tmp_path / "run").exists()
+
+
+def test_channels_last_changes_the_layout_not_the_training(tiny_recipe_path, tmp_path):
+    """Same recipe in both layouts: the loss curve and the weights agree to float32 rounding (the convolution
+    kernels sum in a different order), and the checkpoint files hold the same contiguous tensors."""
+    over = ["train.max_steps=8", "train.log_every=1", "train.sample_grid=4"]
+    runs = {}
+    for cl in ("true", "false"):
+        runs[cl] = tmp_path / cl
+        train(load_recipe(tiny_recipe_path, over + [f"train.channels_last={cl}"]), runs[cl], **QUIET)
+    a, b = (load_file(str(runs[cl] / "last.safetensors")) for cl in ("true", "false"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].is_contiguous() and a[k].shape == b[k].shape, k
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5, msg=k)
+    la, lb = ([float(v) for _, v in _loss_column(runs[cl])] for cl in ("true", "false"))
+    assert len(la) == len(lb) == 8
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-4, atol=0)
+
+
+def test_restored_adam_moments_take_the_parameters_layout():
+    """Optimizer.load_state_dict restores moments contiguous; fused AdamW on a channels_last parameter with
+    contiguous moments computes wrong updates. After match_state_strides a resumed step equals an unbroken one."""
+    from diffcli.train import make_optimizer, match_state_strides
+
+    torch.manual_seed(0)
+    w0 = torch.randn(8, 4, 3, 3)
+    grads = [torch.randn(8, 4, 3, 3) for _ in range(3)]
+
+    def run(steps, p, opt):
+        for gr in steps:
+            p.grad = gr.contiguous(memory_format=torch.channels_last)
+            opt.step()
+
+    ref = torch.nn.Parameter(w0.clone().contiguous(memory_format=torch.channels_last))
+    ref_opt = make_optimizer([ref], lr=0.1)
+    run(grads, ref, ref_opt)
+
+    p = torch.nn.Parameter(w0.clone().contiguous(memory_format=torch.channels_last))
+    opt = make_optimizer([p], lr=0.1)
+    run(grads[:1], p, opt)
+    saved = {k: {n: v.contiguous().clone() for n, v in st.items()} for k, st in opt.state_dict()["state"].items()}
+    resumed = make_optimizer([p], lr=0.1)
+    resumed.load_state_dict({"state": saved, "param_groups": opt.state_dict()["param_groups"]})
+    match_state_strides(resumed)
+    assert resumed.state[p]["exp_avg"].stride() == p.stride()
+    run(grads[1:], p, resumed)
+    torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("setting, dev, bf16, cap, expect", [
+    ("auto", "cpu", False, "AVX512", True), ("auto", "cpu", False, "AVX2", False),
+    ("auto", "cpu", False, "DEFAULT", False), ("auto", "cuda", True, "AVX2", True),
+    ("auto", "cuda", False, "AVX512", False), ("auto", "mps", True, "AVX512", False),
+    (True, "cpu", False, "AVX2", True), (False, "cpu", False, "AVX512", False)])
+def test_channels_last_auto_follows_the_measurements(monkeypatch, setting, dev, bf16, cap, expect):
+    from diffcli.runtime import use_channels_last
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cap)
+    assert use_channels_last(setting, torch.device(dev), bf16) is expect
