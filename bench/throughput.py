@@ -7,9 +7,13 @@ Memory: each kind runs a few steps in its own subprocess, whose peak resident me
 (`rss_after_imports_mb` is the same reading before the network is built). A training step is forward + backward + AdamW on a batch of noisy images (ε-MSE for
 all, the loss's cost is negligible); a sampling step is one forward pass under no_grad.
 
-Kinds: `diffcli` is the network with the optimizer diffcli's training engine builds (diffcli.train.make_optimizer:
-fused AdamW); `diffusers` is UNet2DModel with torch.optim.AdamW as diffusers' own training examples build it;
-`diffusers_fused` is UNet2DModel with diffcli's optimizer, which isolates the networks from the optimizers.
+Kinds: `diffcli` is the network as diffcli's training engine runs it: the optimizer it builds
+(diffcli.train.make_optimizer: fused AdamW) and the memory layout `train.channels_last = "auto"` picks on this
+device (diffcli.runtime.use_channels_last; the report records which); `diffusers` is UNet2DModel with
+torch.optim.AdamW as diffusers' own training examples build it; `diffusers_fused` is UNet2DModel with diffcli's
+optimizer, which isolates the networks from the optimizers; `diffusers_cl` is stock diffusers with
+channels_last weights and input (what a diffusers user could do by hand), so the layout is not counted as
+diffcli's alone.
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python bench/throughput.py --threads 2 --steps 20 --steps32 8 --out docs/bench/throughput.json
@@ -66,7 +70,27 @@ def build(kind: str, res: int, before: str | None = None):
                        downsample_type="resnet", upsample_type="resnet", resnet_time_scale_shift="scale_shift")
 
 
-KINDS = ("diffcli", "diffusers", "diffusers_fused")
+KINDS = ("diffcli", "diffusers", "diffusers_fused", "diffusers_cl")
+
+
+def channels_last(kind: str) -> bool:
+    """The memory layout a kind trains in: diffcli's is what `diffcli train` picks on this CPU."""
+    import torch
+
+    if kind == "diffcli":
+        from diffcli.runtime import use_channels_last
+
+        return use_channels_last("auto", torch.device("cpu"))
+    return kind == "diffusers_cl"
+
+
+def layout(kind: str, net, x):
+    """(net, x) in the kind's memory layout."""
+    import torch
+
+    if channels_last(kind):
+        return net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return net, x
 
 
 def measure(kind: str, res: int, batch: int, steps: int, threads: int) -> dict:
@@ -85,9 +109,9 @@ def measure(kind: str, res: int, batch: int, steps: int, threads: int) -> dict:
     torch.manual_seed(0)
     net = build(kind, res)
     c = 3 if res == 32 else 1
-    x = torch.randn(batch, c, res, res)
+    net, x = layout(kind, net, torch.randn(batch, c, res, res))
     t = torch.rand(batch) * 999
-    if kind == "diffusers":  # diffusers' examples: torch.optim.AdamW(unet.parameters(), lr=..., betas=..., ...)
+    if kind in ("diffusers", "diffusers_cl"):  # diffusers' examples: torch.optim.AdamW(unet.parameters(), lr=..., betas=..., ...)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     else:
         opt = make_optimizer(net.parameters(), lr=1e-4)
@@ -132,20 +156,20 @@ def interleave(res: int, batch: int, steps: int, threads: int, before: str | Non
     c = 3 if res == 32 else 1
     x = torch.randn(batch, c, res, res, generator=torch.Generator().manual_seed(1))
     t = torch.rand(batch, generator=torch.Generator().manual_seed(2)) * 999
-    nets, opts = {}, {}
+    nets, opts, xs = {}, {}, {}
     for kind in kinds:
         torch.manual_seed(0)
-        nets[kind] = build(kind, res, before)
-        plain = kind in ("diffusers", "diffcli_before")  # stock torch.optim.AdamW
+        nets[kind], xs[kind] = layout(kind, build(kind, res, before), x)
+        plain = kind in ("diffusers", "diffusers_cl", "diffcli_before")  # stock torch.optim.AdamW
         opts[kind] = (torch.optim.AdamW(nets[kind].parameters(), lr=1e-4) if plain
                       else make_optimizer(nets[kind].parameters(), lr=1e-4))
 
     def fwd(kind):
-        out = nets[kind](x, t)
+        out = nets[kind](xs[kind], t)
         return out if torch.is_tensor(out) else out.sample
 
     def train_step(kind):
-        loss = (fwd(kind) - x).square().mean()
+        loss = (fwd(kind) - xs[kind]).square().mean()
         opts[kind].zero_grad()
         loss.backward()
         opts[kind].step()
@@ -218,13 +242,17 @@ def main() -> None:
 
         row["train_ratio"] = ratio("diffcli", "diffusers")
         row["train_ratio_same_optimizer"] = ratio("diffcli", "diffusers_fused")
+        row["train_ratio_vs_diffusers_cl"] = ratio("diffcli", "diffusers_cl")
         row["sample_ratio"] = ratio("diffcli", "diffusers", "sample_s")
         if args.before:
             row["train_ratio_before"] = ratio("diffcli_before", "diffusers")
             row["train_speedup_vs_before"] = ratio("diffcli", "diffcli_before")
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    report = {"threads": args.threads, "steps": args.steps,
+    import torch
+
+    report = {"threads": args.threads, "steps": args.steps, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "diffcli_channels_last": channels_last("diffcli"),
               "steps32": args.steps32 or args.steps, "load_average_1min": {"min": min(load), "max": max(load)},
               "rows": rows}
     print(json.dumps(report, indent=2))

@@ -1,6 +1,7 @@
 """diffcli's UNet training step under the per-device speed options, back to back in one process (issue 8):
-`base` (what `diffcli train` runs), `cl` (channels_last weights and input) and `compile` (torch.compile, as
-`train.compile = true`). Same network, optimizer (make_optimizer: fused AdamW) and batch; the median seconds per
+`base` (contiguous NCHW), `cl` (channels_last weights and input: what `diffcli train` runs on an AVX-512
+CPU), `compile` (torch.compile, as `train.compile = true`), `cl_compile` (both), `bf16` / `cl_bf16` (bf16
+autocast, as `train.bf16 = true`). Same network, optimizer (make_optimizer: fused AdamW) and batch; the median seconds per
 step over ROUNDS rounds, each round one step of every variant in turn, so machine load falls on all alike.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/throughput_variants.py --res 32 --batch 32 --variants base,cl,compile --rounds 10
@@ -41,14 +42,16 @@ def main() -> None:
         torch.manual_seed(0)
         net = build("diffcli", args.res)
         xx = x
-        if v == "cl":
+        if v.startswith("cl"):
             net = net.to(memory_format=torch.channels_last)
             xx = x.contiguous(memory_format=torch.channels_last)
-        f = torch.compile(net) if v == "compile" else net
+        f = torch.compile(net) if v.endswith("compile") else net
         opt = make_optimizer(net.parameters(), lr=1e-4)
+        bf16 = v.endswith("bf16")  # as train.bf16 = true: torch.autocast on the device
 
-        def step(f=f, xx=xx, opt=opt):
-            loss = (f(xx, t) - x).square().mean()
+        def step(f=f, xx=xx, opt=opt, bf16=bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = (f(xx, t).float() - x).square().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

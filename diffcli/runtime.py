@@ -69,16 +69,17 @@ def stderr_console():
 def use_channels_last(setting: bool | str, dev: torch.device, bf16: bool = False) -> bool:
     """Whether to keep weights and batches channels_last (NHWC) — the recipe's `train.channels_last`.
 
-    "auto" turns it on where it was measured or is documented to pay (docs/BENCHMARKS.md, issue 8): on CPUs
-    with AVX-512, whose oneDNN convolutions are NHWC-native (32×32 training step 1.07×, 8×8 1.02× on a
-    2-core Xeon), and on CUDA under bf16 autocast (tensor-core convolutions want NHWC). Off on AVX2-only CPUs
-    (0.93× at 32×32 on an AMD EPYC) and elsewhere. Only the memory layout changes, not the arithmetic."""
+    "auto" turns it on where it was measured or is documented to pay (docs/BENCHMARKS.md, issue 8): float32
+    on CPUs with AVX-512, whose oneDNN convolutions are NHWC-native (training step 1.09× at 32×32 and 1.08× at
+    8×8 on a 2-core Xeon), and CUDA under bf16 autocast (tensor-core convolutions want NHWC). Off on AVX2-only
+    CPUs (0.93× at 32×32 on an AMD EPYC), under bf16 on a CPU (0.89× at 32×32, 0.86× at 8×8 on the Xeon) and
+    elsewhere. Only the memory layout changes, not the arithmetic."""
     if setting != "auto":
         return bool(setting)
     if dev.type == "cuda":
         return bf16
     if dev.type == "cpu":
-        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        return not bf16 and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return False
 
 

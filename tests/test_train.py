@@ -185,7 +185,7 @@ def test_restored_adam_moments_take_the_parameters_layout():
 
 @pytest.mark.parametrize("setting, dev, bf16, cap, expect", [
     ("auto", "cpu", False, "AVX512", True), ("auto", "cpu", False, "AVX2", False),
-    ("auto", "cpu", False, "DEFAULT", False), ("auto", "cuda", True, "AVX2", True),
+    ("auto", "cpu", False, "DEFAULT", False), ("auto", "cpu", True, "AVX512", False), ("auto", "cuda", True, "AVX2", True),
     ("auto", "cuda", False, "AVX512", False), ("auto", "mps", True, "AVX512", False),
     (True, "cpu", False, "AVX2", True), (False, "cpu", False, "AVX512", False)])
 def test_channels_last_auto_follows_the_measurements(monkeypatch, setting, dev, bf16, cap, expect):
