@@ -73,27 +73,27 @@ def build(kind: str, res: int, before: str | None = None):
 KINDS = ("diffcli", "diffusers", "diffusers_fused", "diffusers_cl")
 
 
-def channels_last(kind: str) -> bool:
+def channels_last(kind: str, bf16: bool = False) -> bool:
     """The memory layout a kind trains in: diffcli's is what `diffcli train` picks on this CPU."""
     import torch
 
     if kind == "diffcli":
         from diffcli.runtime import use_channels_last
 
-        return use_channels_last("auto", torch.device("cpu"))
+        return use_channels_last("auto", torch.device("cpu"), bf16)
     return kind == "diffusers_cl"
 
 
-def layout(kind: str, net, x):
+def layout(kind: str, net, x, bf16: bool = False):
     """(net, x) in the kind's memory layout."""
     import torch
 
-    if channels_last(kind):
+    if channels_last(kind, bf16):
         return net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     return net, x
 
 
-def measure(kind: str, res: int, batch: int, steps: int, threads: int) -> dict:
+def measure(kind: str, res: int, batch: int, steps: int, threads: int, bf16: bool = False) -> dict:
     import torch
 
     if kind != "diffcli":
@@ -109,7 +109,7 @@ def measure(kind: str, res: int, batch: int, steps: int, threads: int) -> dict:
     torch.manual_seed(0)
     net = build(kind, res)
     c = 3 if res == 32 else 1
-    net, x = layout(kind, net, torch.randn(batch, c, res, res))
+    net, x = layout(kind, net, torch.randn(batch, c, res, res), bf16)
     t = torch.rand(batch) * 999
     if kind in ("diffusers", "diffusers_cl"):  # diffusers' examples: torch.optim.AdamW(unet.parameters(), lr=..., betas=..., ...)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -117,8 +117,9 @@ def measure(kind: str, res: int, batch: int, steps: int, threads: int) -> dict:
         opt = make_optimizer(net.parameters(), lr=1e-4)
 
     def fwd(inp):
-        out = net(inp, t) if kind == "diffcli" else net(inp, t).sample
-        return out
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as train.bf16 = true
+            out = net(inp, t) if kind == "diffcli" else net(inp, t).sample
+        return out.float()
 
     for _ in range(2):  # warm-up
         loss = (fwd(x) - x).square().mean()
@@ -144,7 +145,7 @@ def measure(kind: str, res: int, batch: int, steps: int, threads: int) -> dict:
             "rss_after_imports_mb": rss_imports}
 
 
-def interleave(res: int, batch: int, steps: int, threads: int, before: str | None) -> dict:
+def interleave(res: int, batch: int, steps: int, threads: int, before: str | None, bf16: bool = False) -> dict:
     """Every kind in one process, one training step (then one sampling step) of each in turn, `steps` rounds:
     load from other processes falls on all kinds alike, step by step. Per-step seconds of each kind."""
     import torch
@@ -159,14 +160,15 @@ def interleave(res: int, batch: int, steps: int, threads: int, before: str | Non
     nets, opts, xs = {}, {}, {}
     for kind in kinds:
         torch.manual_seed(0)
-        nets[kind], xs[kind] = layout(kind, build(kind, res, before), x)
+        nets[kind], xs[kind] = layout(kind, build(kind, res, before), x, bf16)
         plain = kind in ("diffusers", "diffusers_cl", "diffcli_before")  # stock torch.optim.AdamW
         opts[kind] = (torch.optim.AdamW(nets[kind].parameters(), lr=1e-4) if plain
                       else make_optimizer(nets[kind].parameters(), lr=1e-4))
 
     def fwd(kind):
-        out = nets[kind](xs[kind], t)
-        return out if torch.is_tensor(out) else out.sample
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as train.bf16 = true
+            out = nets[kind](xs[kind], t)
+        return (out if torch.is_tensor(out) else out.sample).float()
 
     def train_step(kind):
         loss = (fwd(kind) - xs[kind]).square().mean()
@@ -198,6 +200,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--steps32", type=int, default=None, help="steps at 32×32 (default: --steps)")
     ap.add_argument("--out", default=None, help="also write the table as JSON here")
+    ap.add_argument("--bf16", action="store_true", help="every kind under bf16 autocast (as train.bf16 = true, "
+                    "or accelerate's mixed_precision='bf16' in diffusers' training examples)")
     ap.add_argument("--before", default=None, help="also time the UNet of an older checkout in this folder "
                     "(e.g. git archive HEAD~1 diffcli | tar -x -C DIR), with stock AdamW as it had")
     ap.add_argument("--one", nargs=3, metavar=("KIND", "RES", "BATCH"), help=argparse.SUPPRESS)
@@ -205,25 +209,27 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         kind, res, batch = args.one[0], int(args.one[1]), int(args.one[2])
-        print(json.dumps(measure(kind, res, batch, args.steps, args.threads)))
+        print(json.dumps(measure(kind, res, batch, args.steps, args.threads, args.bf16)))
         return
     if args.interleave:
         res, batch = int(args.interleave[0]), int(args.interleave[1])
-        print(json.dumps(interleave(res, batch, args.steps, args.threads, args.before)))
+        print(json.dumps(interleave(res, batch, args.steps, args.threads, args.before, args.bf16)))
         return
     load, rows = [os.getloadavg()[0]], []
     for res, batch in ((8, 128), (32, 32)):
         steps = args.steps32 if res == 32 and args.steps32 else args.steps
         # throughput: all kinds interleaved step by step in one process
         cmd = [sys.executable, __file__, "--interleave", str(res), str(batch), "--steps", str(steps),
-               "--threads", str(args.threads)] + (["--before", args.before] if args.before else [])
+               "--threads", str(args.threads)] + (["--before", args.before] if args.before else []) + (
+                   ["--bf16"] if args.bf16 else [])
         timing = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         load.append(os.getloadavg()[0])
         # memory: each kind in its own process (ru_maxrss is per process), a few steps
         mem = {}
         for kind in KINDS:
             out = subprocess.run([sys.executable, __file__, "--one", kind, str(res), str(batch), "--steps", "1",
-                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True).stdout
+                                  "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else []),
+                                 capture_output=True, text=True, check=True).stdout
             mem[kind] = json.loads(out.strip().splitlines()[-1])
             load.append(os.getloadavg()[0])
         kinds = list(timing["train_s"])
@@ -252,7 +258,7 @@ def main() -> None:
     import torch
 
     report = {"threads": args.threads, "steps": args.steps, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "diffcli_channels_last": channels_last("diffcli"),
+              "diffcli_channels_last": channels_last("diffcli", args.bf16), "bf16": args.bf16,
               "steps32": args.steps32 or args.steps, "load_average_1min": {"min": min(load), "max": max(load)},
               "rows": rows}
     print(json.dumps(report, indent=2))

@@ -1,0 +1,55 @@
+"""The UNet's layout and precision paths: channels_last and CPU bf16 autocast change speed, not results."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffcli.nets import unet
+from diffcli.nets.unet import UNet
+
+
+def _net() -> UNet:
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, out_channels=1, resolution=8, channels=16, channel_mult=[1, 2], num_res_blocks=1,
+               attention_resolutions=[4], head_channels=8)
+    for p in net.parameters():  # the zero-initialised output layers would hide every difference
+        torch.nn.init.normal_(p, std=0.2)
+    return net
+
+
+def test_channels_last_forward_and_gradients_match_contiguous():
+    net, x, t = _net(), torch.randn(4, 1, 8, 8), torch.rand(4) * 999
+    ref = net(x, t)
+    ref.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    net.to(memory_format=torch.channels_last)
+    out = net(x.contiguous(memory_format=torch.channels_last), t)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the layout carries through every block
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_cpu_bf16_autocast_runs_attention_in_float32(monkeypatch):
+    """torch's bf16 CPU attention kernels are slower than float32 ones: under CPU autocast the attention
+    inputs are float32, and the block's output stays within bf16 rounding of the float32 block."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(unet.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    blk = unet.AttentionBlock(32, 8)
+    torch.nn.init.normal_(blk.proj.weight, std=0.2)
+    x = torch.randn(2, 32, 4, 4)
+    ref = blk(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = blk(x)
+    assert seen == [torch.float32, torch.float32]
+    torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
