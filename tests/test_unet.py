@@ -34,8 +34,8 @@ def test_channels_last_forward_and_gradients_match_contiguous():
 
 
 def test_cpu_bf16_autocast_runs_attention_in_float32(monkeypatch):
-    """torch's bf16 CPU attention kernels are slower than float32 ones: under CPU autocast the attention
-    inputs are float32, and the block's output stays within bf16 rounding of the float32 block."""
+    """torch's bf16 CPU attention backward is slower than the float32 one: when training under CPU autocast the
+    attention inputs are float32 (forward-only calls keep bf16), and the output stays within bf16 rounding."""
     seen = []
     sdpa = F.scaled_dot_product_attention
 
@@ -50,6 +50,10 @@ def test_cpu_bf16_autocast_runs_attention_in_float32(monkeypatch):
     x = torch.randn(2, 32, 4, 4)
     ref = blk(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = blk(x)
-    assert seen == [torch.float32, torch.float32]
+        low = blk(x)  # training: the backward will run, float32 is the faster kernel
+        with torch.no_grad():
+            blk(x)  # forward only: bf16 is
+    assert seen == [torch.float32, torch.float32, torch.bfloat16]
     torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
+    low.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in blk.parameters())

@@ -110,10 +110,11 @@ class AttentionBlock(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2)
         qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
         q, k, v = qkv.view(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # Under CPU bf16 autocast the attention runs in float32: torch's bf16 CPU attention kernels are
-            # the slower ones (forward + backward 1.3× slower at 256 tokens, 15× at 16, torch 2.14 on an
-            # AVX-512/AMX Xeon), and the softmax gains the precision.
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and h * w <= 256:
+            # Training under CPU bf16 autocast runs the attention in float32: torch's bf16 CPU attention
+            # backward is the slow one (forward + backward ms, float32 vs bf16, torch 2.14 on an AVX-512/AMX
+            # Xeon: 0.76 vs 10.4 at 16 tokens, 5.1 vs 26 at 64, 27.6 vs 36.9 at 256; bf16 wins only from
+            # 1024 tokens, 88 vs 68), while its forward alone is the faster one from 64 tokens.
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         else:
