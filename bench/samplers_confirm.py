@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=4096, help="draws per seed")
     ap.add_argument("--tuned", default="bench/samplers_accuracy.json")
     ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--schedules", default="", help="also diffcli unipc on these schedules (comma-separated)")
     ap.add_argument("--out", default="bench/samplers_confirm.json")
     args = ap.parse_args()
     import diffusers
@@ -63,6 +64,10 @@ def main() -> None:
             g = get_sigmas("logsnr", info.steps_for_nfe(nfe), SMIN, SMAX)
             c = NFECounter(gm)
             add(nfe, "diffcli unipc, logsnr (default)", info.fn(c, eps * g[0], g), c.nfe)
+            for sched in filter(None, args.schedules.split(",")):  # other untuned grids, for the default's choice
+                g = get_sigmas(sched, info.steps_for_nfe(nfe), SMIN, SMAX)
+                c = NFECounter(gm)
+                add(nfe, f"diffcli unipc, {sched}", info.fn(c, eps * g[0], g), c.nfe)
         for t in tuned:
             g = torch.tensor(t["sigmas"], dtype=torch.float64)
             c = NFECounter(gm)
