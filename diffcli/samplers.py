@@ -36,7 +36,9 @@ def randn_like(x: Tensor, generator=None) -> Tensor:
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
-        z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator])
+        z = torch.empty(x.shape)  # row j filled in place from generator j: the same numbers as randn
+        for row, g in zip(z, generator):  # without a tensor per row and a stack (~15% of this loop)
+            row.normal_(generator=g)
     else:
         z = torch.randn(x.shape, generator=generator)
     return z.to(device=x.device, dtype=x.dtype)
@@ -57,10 +59,11 @@ def exact_denoiser_calls():
 
 
 def _denoise(denoiser, x: Tensor, sigma: Tensor) -> Tensor:
-    """Call the denoiser in float32 with a (B,) σ and return float64 (the integration dtype)."""
+    """Call the denoiser in float32 with a (B,) σ and return float64 (the integration dtype), contiguous: a
+    channels_last network's output would otherwise meet the contiguous state in every update (strided loops)."""
     dt = _NET_DTYPE[-1]
     s = sigma.to(dt).expand(x.shape[0]).contiguous()
-    return denoiser(x.to(dt), s).to(torch.float64)
+    return denoiser(x.to(dt), s).to(torch.float64, memory_format=torch.contiguous_format)
 
 
 class NFECounter:
