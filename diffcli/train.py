@@ -67,10 +67,15 @@ def check_run_folder(out: Path, *, resume: bool, force: bool) -> None:
                         f"it or --force to start over")
 
 
+# Fields a resumed run takes from the recipe given now: the step and time budget, and how (not what) it
+# computes — a run started on one machine may go on on another whose layout or compiler choice differs.
+RESUME_ANEW = ("max_steps", "max_minutes", "channels_last", "compile", "device")
+
+
 def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool, loader=None) -> Recipe:
     """Create, resume or (with --force) restart a run folder; never overwrite a run silently.
 
-    Returns the recipe to train with (a resumed run keeps its own, with only the step budget taken anew)."""
+    Returns the recipe to train with (a resumed run keeps its own, with only RESUME_ANEW taken anew)."""
     check_run_folder(out, resume=resume, force=force)
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if resume:
@@ -84,13 +89,16 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool, 
         a = saved.model_dump(mode="json")
         b = recipe.model_dump(mode="json")
         for d in (a, b):
-            d["train"].pop("max_steps"), d["train"].pop("max_minutes")
+            for k in RESUME_ANEW:
+                d["train"].pop(k, None)
         diff = sorted(_diff_keys(a, b))
         if diff:
             shown = ", ".join(f"{k} ({_value_at(a, k)!r} in the run, {_value_at(b, k)!r} given)" for k in diff[:4])
             raise UserError(f"--resume {str(out)!r}: the recipe differs from the run's recipe.toml in "
                             f"{shown}{' and more' if len(diff) > 4 else ''}; resume with the run's own recipe")
-        saved.train.max_steps, saved.train.max_minutes = recipe.train.max_steps, recipe.train.max_minutes
+        for k in RESUME_ANEW:
+            if hasattr(saved.train, k):
+                setattr(saved.train, k, getattr(recipe.train, k))
         _clean_run_temporaries(out)
         return saved
     if existing:  # check_run_folder let it through: --force
@@ -353,7 +361,7 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
                         "`diffcli distill` (method = 'consistency'), not by diffcli train")
     dev = resolve_device(device or recipe.train.device)
     # The dataset before the run folder: a missing or broken dataset must fail before the folder is created,
-    # resumed or (with --force) emptied. A resumed run's recipe equals this one but for the step budget.
+    # resumed or (with --force) emptied. A resumed run's recipe equals this one but for RESUME_ANEW.
     data = load_dataset(recipe.data)
     if len(data) == 0:
         raise UserError(f"data.name = {recipe.data.name!r}: the dataset is empty")

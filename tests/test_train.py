@@ -193,3 +193,17 @@ def test_channels_last_auto_follows_the_measurements(monkeypatch, setting, dev, 
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cap)
     assert use_channels_last(setting, torch.device(dev), bf16) is expect
+
+
+def test_resume_may_change_how_not_what_it_computes(tiny_recipe_path, tmp_path):
+    """A run resumed on another machine may take another layout or compile choice (they change speed, not the
+    training); the resumed recipe.toml records the new choice."""
+    out = tmp_path / "run"
+    over = ["train.checkpoint_every=3", "train.sample_grid=4"]
+    train(load_recipe(tiny_recipe_path, over + ["train.max_steps=3", "train.channels_last=true"]), out, **QUIET)
+    res = train(load_recipe(tiny_recipe_path, over + ["train.max_steps=6", "train.channels_last=false"]), out,
+                resume=True, **QUIET)
+    assert res.step == 6
+    assert load_recipe(out / "recipe.toml").train.channels_last is False
+    with pytest.raises(UserError, match="train.seed"):
+        train(load_recipe(tiny_recipe_path, over + ["train.max_steps=9", "train.seed=5"]), out, resume=True, **QUIET)
