@@ -386,7 +386,7 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
 
     torch.manual_seed(mix_seed(t.seed, 0, 3))  # initial weights depend only on the seed
     denoiser = build_denoiser(recipe, data.channels, data.resolution, num_classes).to(dev)
-    # channels_last before the EMA copy and the optimizer, so weights, EMA, gradients and AdAM moments share
+    # channels_last before the EMA copy and the optimizer, so weights, EMA, gradients and Adam moments share
     # one layout (checkpoints are written contiguous: the file format does not change)
     channels_last = use_channels_last(t.channels_last, dev, t.bf16)
     if channels_last:
