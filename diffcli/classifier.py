@@ -188,7 +188,8 @@ def train_classifier(recipe: Recipe, out: Path, *, resume: bool = False, force: 
                 window, window_imgs, window_t = [], 0, now
             budget_spent = t.max_minutes is not None and (time.perf_counter() - t0) > 60 * t.max_minutes
             if step % t.checkpoint_every == 0 or step == t.max_steps or budget_spent or sigs.received:
-                last_ck = checkpoint(step)
+                with sigs.saving(step):
+                    last_ck = checkpoint(step)
             if sigs.received:
                 raise Interrupted(f"interrupted at step {step}; checkpoint {last_ck} written. Resume with: "
                                   f"diffcli train {out / 'recipe.toml'} --out {out} --resume", 128 + sigs.received)

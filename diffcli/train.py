@@ -12,6 +12,7 @@ step, so there is no generator state that could be lost or restored wrongly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -323,11 +324,15 @@ def load_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, opt: torc
 
 # --- the loop ------------------------------------------------------------------------------------------------
 class _Signals:
-    """First SIGINT/SIGTERM sets a flag (the step finishes and a checkpoint is written); a second exits at once."""
+    """First SIGINT/SIGTERM sets a flag (the step finishes and a checkpoint is written); a second exits at once,
+    except while a checkpoint is being written (`saving`): then it waits for the save to finish, so that two
+    quick Ctrl-Cs cannot cut the save they asked for short."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._old = {}
+        self._saving: int | None = None  # the step being saved
+        self._deferred: int | None = None
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -338,9 +343,26 @@ class _Signals:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            raise SystemExit(128 + signum)
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+        elif self._saving is not None:
+            self._deferred = signum
+        else:
+            raise Interrupted("interrupted again: stopped at once, without a checkpoint of this step; --resume "
+                              "continues from the last checkpoint", 128 + signum)
+
+    @contextlib.contextmanager
+    def saving(self, step: int):
+        """Write a checkpoint of `step` without a second signal cutting it short; exit right after it if one
+        came."""
+        self._saving = step
+        try:
+            yield
+        finally:
+            self._saving = None
+        if self._deferred is not None:
+            raise Interrupted(f"interrupted again at step {step}, after its checkpoint was written; --resume "
+                              f"continues from it", 128 + self._deferred)
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -564,7 +586,8 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
             if log_row or stop:
                 win_sum.zero_(), win_n.zero_()
             if world.is_main and (step % t.checkpoint_every == 0 or step == t.max_steps or stop):
-                last_ck = checkpoint(step)
+                with sigs.saving(step):
+                    last_ck = checkpoint(step)
             if world.is_main and (step % t.sample_every == 0 or step == t.max_steps or budget_spent):
                 sample_grid(step)
             if signalled:

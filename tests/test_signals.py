@@ -57,3 +57,40 @@ def test_ctrl_c_during_sampling_says_interrupted_and_writes_nothing(tiny_ckpt, t
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and err.strip().splitlines() == ["error: interrupted"], err
     assert not out.exists()
+
+
+def test_second_signal_during_a_save_waits_for_it(tiny_recipe_path, tmp_path, monkeypatch):
+    """Two quick Ctrl-Cs: the first asks for a checkpoint, the second lands while it is written. The save
+    finishes (state and model file), then the run stops with a message naming the step — nothing is lost."""
+    from diffcli import train as T
+    from diffcli.errors import Interrupted
+    from diffcli.recipes import load_recipe
+
+    real = T.save_state
+
+    def save_then_signal_twice(*a, **k):  # both signals arrive inside the save
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        real(*a, **k)
+
+    monkeypatch.setattr(T, "save_state", save_then_signal_twice)
+    out = tmp_path / "run"
+    rec = load_recipe(tiny_recipe_path, ["train.max_steps=20", "train.checkpoint_every=3", "train.sample_grid=4"])
+    with pytest.raises(Interrupted, match="interrupted again at step 3, after its checkpoint") as e:
+        T.train(rec, out, log=lambda *a, **k: None, show_progress=False)
+    assert e.value.exit_code == 130
+    assert (out / "checkpoints/step_0000003.safetensors").exists()
+    assert (out / "checkpoints/step_0000003.state.safetensors").exists()
+    assert T.latest_state(out)[0] == 3
+
+
+def test_second_signal_outside_a_save_stops_at_once_with_a_message():
+    from diffcli.errors import Interrupted
+    from diffcli.train import _Signals
+
+    s = _Signals()
+    s._handle(signal.SIGINT, None)
+    assert s.received == signal.SIGINT
+    with pytest.raises(Interrupted, match="without a checkpoint") as e:
+        s._handle(signal.SIGTERM, None)
+    assert e.value.exit_code == 143

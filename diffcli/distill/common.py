@@ -300,7 +300,8 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
                                f"{metrics.seconds_before + now - t0:.2f}"])
                 window, window_imgs, window_t = [], 0, now
             if step % t.checkpoint_every == 0 or step == total or budget or signalled or step in finished:
-                last_ck = checkpoint(step)
+                with sigs.saving(step):
+                    last_ck = checkpoint(step)
             if step % t.sample_every == 0 or step == total:
                 eng.sample_grid(out / "samples" / f"step_{step:07d}.png", t.sample_grid)
             if signalled:
