@@ -176,6 +176,14 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
+def diffcli_output_images(folder: Path) -> Path | None:
+    """`folder/images` when `folder` is a diffcli sample or decode output (sample.json or decode.json beside
+    images/): its images are those, not grid.png or decoded.png. None for any other folder."""
+    if (folder / "images").is_dir() and any((folder / f).is_file() for f in ("sample.json", "decode.json")):
+        return folder / "images"
+    return None
+
+
 def _materialise(name: str, ds: FileImages, num_classes: int, class_names: list[str], skip_bad: bool) -> ImageData:
     """Hold a file dataset in memory when it is small enough, else stream it."""
     nbytes = len(ds) * ds.channels * ds.resolution**2 * 4

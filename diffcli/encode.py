@@ -493,8 +493,9 @@ def validate_settings(s: EncodeSettings, num_classes: int, mode: str) -> list[st
 
 
 def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
-    """Image files and the images inside folders (recursively, sorted), in the order given."""
-    from .data import list_images
+    """Image files and the images inside folders (recursively, sorted), in the order given; a diffcli sample
+    or decode folder gives its images/ (not its grid), and an encode folder, which keeps no images, is refused."""
+    from .data import diffcli_output_images, list_images
 
     files: list[Path] = []
     for p in inputs:
@@ -502,7 +503,11 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
         if not p.exists():
             raise UserError(f"input {str(p)!r} does not exist")
         if p.is_dir():
-            found = list_images(p)
+            if (p / "encode.json").is_file() and diffcli_output_images(p) is None:
+                raise UserError(f"input {str(p)!r} is a diffcli encode folder: it keeps latents and a "
+                                f"reconstruction strip, not images; give the images that were encoded, or decode "
+                                f"its latents.safetensors with --decode")
+            found = list_images(diffcli_output_images(p) or p)
             if not found:
                 raise UserError(f"input folder {str(p)!r} holds no images")
             files.extend(found)

@@ -149,7 +149,9 @@ def load_generated_folder(folder: Path, n: int | None) -> ImageSet:
                 "cfg", "class")
         info.update({k: meta.get(k) for k in keys} if isinstance(meta, dict) else {})
         return ImageSet(images, lab, info)
-    images = read_folder(folder, "GENERATED", n)
+    from .data import diffcli_output_images
+
+    images = read_folder(diffcli_output_images(folder) or folder, "GENERATED", n)  # a decode folder: images/
     return ImageSet(images, None, {"source": "folder", "path": str(folder)})
 
 
@@ -316,6 +318,8 @@ def resolve_reference(ref: str | None, split: str | None, data_root: str | None,
                       default: dict | None, cache: bool, log=None) -> Reference:
     """Reference features from a stats file, a folder, or a dataset (cached). `default` is the checkpoint's
     data config (name, split, root, resolution, path) used when `ref` is None."""
+    from .data import diffcli_output_images
+
     names = _dataset_names()
     if ref is None:
         if default is None:
@@ -339,8 +343,8 @@ def resolve_reference(ref: str | None, split: str | None, data_root: str | None,
                 raise UserError(f"--ref {ref!r}: neither a dataset ({', '.join(n for n in names if n != 'imagefolder')}),"
                                 f" a folder, nor a statistics file")
             # a diffcli sample folder (sample.json + images/) is read as GENERATED is: its images/, not grid.png
-            sample_folder = (p / "sample.json").is_file() and (p / "images").is_dir()
-            images = read_folder(p / "images" if sample_folder else p, "--ref")
+            sample_folder = diffcli_output_images(p) is not None
+            images = read_folder(diffcli_output_images(p) or p, "--ref")
             ext.check_input(tuple(images.shape[1:]), "the reference images")
             return _reference_from_images(images, ext, {"source": "sample-folder" if sample_folder else "folder",
                                                         "path": str(p)})

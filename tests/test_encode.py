@@ -305,3 +305,28 @@ def test_diffcli_never_imports_diffusers():
 
     code = "import sys, diffcli.cli, diffcli.encode; sys.exit('diffusers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_sample_and_encode_folders_give_their_images_not_their_grids(tiny_ckpt, encoded, tmp_path):
+    """A diffcli sample or decode folder (sample.json / decode.json + images/ + a grid) as input: only images/
+    is read — the grid would be encoded as one more (resized) image; an encode folder holds no images."""
+    from diffcli.encode import collect_inputs
+    from diffcli.errors import UserError
+
+    smp = tmp_path / "smp"
+    r = run_cli("sample", tiny_ckpt, "--sampler", "ddim", "--steps", "4", "--n", "5", "--out", smp)
+    assert r.returncode == 0, r.stderr
+    assert (smp / "grid.png").exists()
+    files = collect_inputs([smp])
+    assert len(files) == 5 and all(f.parent == smp / "images" for f in files)
+    with pytest.raises(UserError, match="encode folder"):
+        collect_inputs([encoded])  # it keeps no images: its reconstruction strip is not an input
+    dec = tmp_path / "dec"
+    r = run_cli("encode", tiny_ckpt, "--decode", encoded / "latents.safetensors", "--out", dec)
+    assert r.returncode == 0, r.stderr
+    again = collect_inputs([dec])
+    assert len(again) == 3 and all(f.parent == dec / "images" for f in again)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(smp / "grid.png", plain / "grid.png")
+    assert collect_inputs([plain]) == [plain / "grid.png"]  # any other folder: every image in it
