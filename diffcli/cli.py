@@ -111,9 +111,10 @@ def train(
         return
     con.print(_table("diffcli train", [
         ("run folder", str(res.out)), ("steps", str(res.step)), ("stopped by", res.stopped_by),
-        ("last loss", f"{res.last_loss:.5f}" if res.last_loss == res.last_loss else "— (no step taken)"),
+        ("loss, last step", f"{res.last_loss:.5f}" if res.last_loss == res.last_loss else "— (no step taken)"),
         ("images/s", f"{res.images_per_s:.0f}"),
         ("parameters", f"{res.parameters:,}"), ("wall-clock", f"{res.seconds:.1f} s"),
+        *([("device", res.device)] if res.device else []),
         ("checkpoint", str(res.out / "last.safetensors")),
     ]))
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, field_validator,
                       model_validator)
 
 from .errors import UserError
@@ -26,6 +26,16 @@ DATASETS = ("digits", "mnist", "cifar10", "celeba", "imagefolder")
 LABELLED = {"digits": 10, "mnist": 10, "cifar10": 10}
 
 
+def _true_or_false(v: Any) -> Any:
+    if v is True or v is False:
+        return v
+    raise ValueError("must be true or false")
+
+
+# TOML's booleans only: pydantic's lax bool would read 1, "yes" or "on" as true
+Bool = Annotated[bool, BeforeValidator(_true_or_false)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -34,11 +44,11 @@ class DataConfig(_Strict):
     name: Literal["digits", "mnist", "cifar10", "celeba", "imagefolder"] = "digits"
     root: str = Field("data", description="where torchvision datasets live (or are downloaded to)")
     path: Optional[str] = Field(None, description="imagefolder: the folder of images (labels from sub-folders)")
-    download: bool = False
+    download: Bool = False
     split: Literal["train", "test", "all"] = "train"
     resolution: Optional[int] = Field(None, ge=4, le=1024, description="None: the dataset's own size")
-    hflip: bool = False
-    class_conditional: bool = Field(True, description="train with labels when the dataset has them")
+    hflip: Bool = False
+    class_conditional: Bool = Field(True, description="train with labels when the dataset has them")
     on_bad_image: Literal["fail", "skip"] = "fail"
     num_workers: int = Field(2, ge=0, le=64)
 
@@ -52,7 +62,7 @@ class ModelConfig(_Strict):
     head_channels: int = Field(32, ge=4)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     noise_embedding: Literal["positional", "fourier"] = "positional"
-    guidance_embedding: bool = Field(False, description="a guidance-scale input w (guidance-distilled students)")
+    guidance_embedding: Bool = Field(False, description="a guidance-scale input w (guidance-distilled students)")
 
     @model_validator(mode="after")
     def _mults_positive(self) -> "ModelConfig":
@@ -124,11 +134,11 @@ class TrainConfig(_Strict):
     sample_every: int = Field(1000, ge=1)
     sample_grid: int = Field(64, ge=1, le=1024, description="images in each progress grid")
     keep_last: int = Field(3, ge=1, description="periodic checkpoints kept (the newest is never deleted)")
-    bf16: bool = False
+    bf16: Bool = False
     p_uncond: float = Field(0.0, ge=0, le=1, description="class-label dropout for classifier-free guidance")
     device: str = "auto"
     skip_nonfinite: int = Field(0, ge=0)
-    compile: bool = False
+    compile: Bool = False
     # channels_last weights and batches: "auto" turns it on where it was measured to pay (diffcli.runtime)
     channels_last: Union[StrictBool, Literal["auto"]] = "auto"
 

@@ -52,6 +52,7 @@ class TrainResult:
     checkpoint: Path
     stopped_by: str  # "max_steps" | "max_minutes"
     parameters: int
+    device: str = ""  # where and how it ran, e.g. "cpu, channels_last" (what train.channels_last = "auto" chose)
 
 
 # --- run folder -------------------------------------------------------------------------------------------
@@ -602,7 +603,8 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     dist.barrier(world)  # no rank leaves before rank 0 has written the final checkpoint
     seconds = time.perf_counter() - t0
     dist.finish()
-    return TrainResult(out, step, last_loss, ips, seconds, last_ck, stopped_by, n_params)
+    how = ", ".join([str(dev), "channels_last" if channels_last else "contiguous"] + (["bf16"] if t.bf16 else []))
+    return TrainResult(out, step, last_loss, ips, seconds, last_ck, stopped_by, n_params, how)
 
 
 def _retain(folder: Path, keep: int) -> None:

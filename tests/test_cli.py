@@ -24,6 +24,12 @@ def test_train_then_sample_end_to_end(tiny_recipe_path, tmp_path):
     for f in ("recipe.toml", "last.safetensors", "metrics.csv", "checkpoints/step_0000006.safetensors",
               "checkpoints/step_0000003.state.safetensors", "samples/step_0000006.png"):
         assert (run / f).exists(), f
+    import torch
+
+    from diffcli.runtime import use_channels_last
+
+    layout = "channels_last" if use_channels_last("auto", torch.device("cpu")) else "contiguous"
+    assert f"cpu, {layout}" in r.stdout + r.stderr  # the summary says what train.channels_last = "auto" chose
     out = tmp_path / "samples"
     r = run_cli("sample", run / "last.safetensors", "--sampler", "ddim", "--steps", "4", "--cfg", "2",
                 "--n", "5", "--batch-size", "2", "--out", out)

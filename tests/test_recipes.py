@@ -25,6 +25,8 @@ def _err(data: dict) -> str:
     ({"colour": "red"}, ["unknown key", "colour"]),
     ({"train": {"channels_last": "yes"}}, ["train.channels_last", "'yes'", "auto"]),
     ({"train": {"channels_last": 1}}, ["train.channels_last = 1", "true, false"]),
+    ({"train": {"bf16": 1}}, ["train.bf16 = 1", "true or false"]),
+    ({"data": {"hflip": "yes"}}, ["data.hflip", "'yes'", "true or false"]),
     ({"diffusion": {"process": "vpp"}}, ["diffusion.process", "'vpp'"]),
     ({"diffusion": {"sigma_min": 2.0, "sigma_max": 1.0}}, ["sigma_min", "2.0", "sigma_max"]),
     ({"data": {"name": "celeba"}, "train": {"p_uncond": 0.1}}, ["p_uncond", "class-conditional", "celeba"]),
