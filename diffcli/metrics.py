@@ -433,6 +433,19 @@ def small_n_warnings(n_gen: int, n_ref: int, dim: int) -> list[str]:
     return w
 
 
+def small_n_kid_is_warnings(metrics, n_gen: int, n_ref: int) -> list[str]:
+    """KID and IS caveats at small n (FID's are `small_n_warnings`): below ~100 images a KID subset or an
+    IS split holds too few images for the number to mean anything — 2 images give IS = 1 exactly."""
+    w = []
+    if "kid" in metrics and min(KID_SUBSET_SIZE, n_gen, n_ref) < 100:
+        w.append(f"KID from subsets of {min(KID_SUBSET_SIZE, n_gen, n_ref)} images is dominated by noise (see its "
+                 f"±); use ≥ 1,000 images per set")
+    if "is" in metrics and n_gen // max(1, min(IS_SPLITS, n_gen)) < 100:
+        w.append(f"IS from {min(IS_SPLITS, n_gen)} split(s) of {n_gen // max(1, min(IS_SPLITS, n_gen))} image(s) "
+                 f"is not meaningful; use ≥ 1,000 generated images")
+    return w
+
+
 # --- the command -----------------------------------------------------------------------------------------
 @dataclass
 class EvalOptions:
@@ -747,6 +760,7 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult | None:
             acc = class_accuracy(torch.cat([q["images"] for q in parts]), labels, seed=opts.digits_seed)
         # FID's small-n caveats concern FID alone: a KID / IS / precision-recall run does not get them
         w = small_n_warnings(n_images, p.ref.n, int(p.ref.features.shape[1])) if "fid" in metrics else []
+        w += small_n_kid_is_warnings(metrics, n_images, p.ref.n)
         rec.update({
             "metrics": vals, "metrics_requested": metrics, "class_accuracy": acc, "n_generated": n_images,
             "kid_subset_size": min(KID_SUBSET_SIZE, n_images, p.ref.n) if "kid" in metrics else None,

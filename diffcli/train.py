@@ -95,7 +95,9 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool, 
                 d["train"].pop(k, None)
         diff = sorted(_diff_keys(a, b))
         if diff:
-            shown = ", ".join(f"{k} ({_value_at(a, k)!r} in the run, {_value_at(b, k)!r} given)" for k in diff[:4])
+            # values spelled as in the TOML (true, "ddim"), not as Python reprs (True, 'ddim')
+            shown = ", ".join(f"{k} ({json.dumps(_value_at(a, k))} in the run, {json.dumps(_value_at(b, k))} given)"
+                              for k in diff[:4])
             raise UserError(f"--resume {str(out)!r}: the recipe differs from the run's recipe.toml in "
                             f"{shown}{' and more' if len(diff) > 4 else ''}; resume with the run's own recipe")
         for k in RESUME_ANEW:

@@ -276,6 +276,8 @@ def test_cli_end_to_end_json(digits_cache, tiny_ckpt, tmp_path):
     assert rec["sampler"] == "euler" and rec["nfe"] == 3 and rec["seed"] == 0
     assert 0 <= rec["class_accuracy"] <= 1  # the tiny model is class-conditional
     assert any("FID is biased" in w for w in rec["warnings"]) and any("rank-deficient" in w for w in rec["warnings"])
+    assert any("KID from subsets of 40" in w for w in rec["warnings"])  # 40 images: KID and IS mean little
+    assert any("IS from 10 split(s) of 4 image(s)" in w for w in rec["warnings"])
     assert "FID" in r.stderr and "warning:" in r.stderr
 
 
