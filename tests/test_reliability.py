@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import diffcli.checkpoint as ckpt_mod
 import diffcli.train as train_mod
-from diffcli.errors import UserError
+from diffcli.errors import Interrupted, UserError
 from diffcli.recipes import load_recipe
 from diffcli.train import prepare_run_folder, train
 
@@ -285,9 +285,9 @@ def test_second_signal_exits_at_once(sig, code):
     with train_mod._Signals() as s:
         os.kill(os.getpid(), sig)
         assert s.received == sig  # the first one only sets the flag
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(Interrupted, match="interrupted again") as e:  # with a message, not a bare exit
             os.kill(os.getpid(), sig)
             for _ in range(1000):  # the handler runs at the next bytecode boundary
                 pass
-        assert e.value.code == code
+        assert e.value.exit_code == code
     assert signal.getsignal(sig) is not s._handle  # the previous handler is back
