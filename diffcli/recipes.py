@@ -260,8 +260,9 @@ def _drop_none(d: Any) -> Any:
     return d
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line naming every bad field and its value: `recipe.toml: train.lr = -1: must be > 0`."""
+def format_validation_error(err: ValidationError, source: str, given: frozenset[str] = frozenset()) -> str:
+    """One line naming every bad field and its value: `recipe.toml: train.lr = -1: must be > 0`; a field in
+    `given` (set on the command line: --set, --max-steps) says so, since the file does not hold that value."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) if str(p).isprintable() else repr(p) for p in e["loc"])  # one line, always
@@ -271,7 +272,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             parts.append(f"{loc}: missing")
         elif loc:
-            parts.append(f"{loc} = {_short(e['input'])}: {msg}")
+            where = " (from the command line)" if any(loc == g or loc.startswith(g + ".") for g in given) else ""
+            parts.append(f"{loc} = {_short(e['input'])}{where}: {msg}")
         else:
             parts.append(msg)
     return f"{source}: " + "; ".join(parts)
@@ -428,11 +430,12 @@ def load_distill_recipe(path: str | Path, overrides: list[str] | None = None) ->
     return load_recipe(path, overrides, schema=DistillRecipe)
 
 
-def recipe_from_dict(data: dict, source: str, schema: type[BaseModel] | None = None) -> Recipe:
+def recipe_from_dict(data: dict, source: str, schema: type[BaseModel] | None = None,
+                     given: frozenset[str] = frozenset()) -> Recipe:
     try:
         return (schema or Recipe).model_validate(data)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, source)) from None
+        raise UserError(format_validation_error(e, source, given)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, schema: type[BaseModel] | None = None) -> Recipe:
@@ -459,7 +462,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, schema: ty
         raise UserError(f"recipe {str(p)!r} is a training recipe (it has [data]/[model] and no method); distill "
                         f"takes a distillation recipe with method = progressive | consistency | guidance | reflow "
                         f"(e.g. recipes/digits-progressive.toml)")
-    return recipe_from_dict(data, str(p), schema)
+    given = frozenset(".".join(parse_override(o)[0]) for o in overrides or [])
+    return recipe_from_dict(data, str(p), schema, given)
 
 
 def recipe_from_json(text: str, source: str) -> Recipe:

@@ -56,8 +56,11 @@ def test_overrides_are_typed_and_validated(tmp_path):
     p.write_text('[train]\nlr = 1e-3\n')
     r = load_recipe(p, ["train.lr=2e-4", "model.channel_mult=[1,1]", "data.hflip=true", "name=abc"])
     assert r.train.lr == 2e-4 and r.model.channel_mult == [1, 1] and r.data.hflip is True and r.name == "abc"
-    with pytest.raises(UserError, match="train.lr"):
-        load_recipe(p, ["train.lr=-5"])
+    with pytest.raises(UserError, match=r"train.lr = -5 \(from the command line\)"):
+        load_recipe(p, ["train.lr=-5"])  # the file holds lr = 1e-3: the error says where -5 came from
+    p.write_text('[train]\nlr = -1.0\n')
+    with pytest.raises(UserError, match=r"train.lr = -1.0: "):
+        load_recipe(p, ["train.seed=3"])
     with pytest.raises(UserError, match="unknown key train.nope"):
         load_recipe(p, ["train.nope=1"])
     with pytest.raises(UserError, match="section.key=value"):
