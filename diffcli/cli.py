@@ -277,7 +277,9 @@ def sample(
     dist.finish()
     _console().print(_table("diffcli sample", [
         ("images", f"{len(images)} → {out / 'images'}"), ("grid", str(out / "grid.png")),
-        ("sampler", f"{record['sampler']} ({record['schedule']}, {record['steps']} steps)"),
+        # an adaptive solver's grid only gives its ends: its steps are its own (the NFE row counts them)
+        ("sampler", f"{record['sampler']} (adaptive, σ {record['sigmas'][0]:.4g} → {record['sigmas'][-2]:.4g})"
+         if record.get("adaptive") else f"{record['sampler']} ({record['schedule']}, {record['steps']} steps)"),
         ("NFE", f"{record['nfe']} (network evaluations {record['network_evaluations']})"),
         ("seconds", f"{record['seconds']:.2f}"),
     ]))

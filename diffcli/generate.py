@@ -301,6 +301,7 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
     seconds = time.perf_counter() - t0
     record = {
         "sampler": s.sampler, "schedule": schedule, "steps": len(sigmas) - 1,
+        "adaptive": info.cost is None,  # rk45: `steps` is its grid, whose ends alone it uses
         "nfe": nfe, "network_evaluations": net_evals, "sigmas": [float(v) for v in sigmas.cpu()],
         "seconds": round(seconds, 3), "options": opts, "tuned_solver": s.coefficients is not None,
         "labels": labels[idx].tolist() if labels is not None else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -107,3 +108,16 @@ def test_cfg_scale_one_is_conditional(tiny_ckpt):
         assert torch.allclose(Conditioned(d, y, 1.0)(x, s), d(x, s, y))
         g0 = Conditioned(d, y, 0.0)(x, s)
         assert torch.allclose(g0, d(x, s, None), atol=1e-5)  # s = 0 is the unconditional model
+
+
+def test_adaptive_sampler_reports_its_grid_ends_not_steps(tiny_ckpt, tmp_path):
+    """rk45 uses only the grid's ends: sample.json marks it adaptive, the summary names the σ range, and the
+    NFE is the count of its own calls."""
+    from conftest import run_cli
+
+    out = tmp_path / "rk"
+    r = run_cli("sample", tiny_ckpt, "--sampler", "rk45", "--n", "2", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((out / "sample.json").read_text())
+    assert rec["adaptive"] is True and rec["nfe"] > rec["steps"]
+    assert "rk45 (adaptive" in r.stdout + r.stderr
