@@ -407,11 +407,11 @@ def compute_metrics(gen: dict[str, Tensor], ref: Reference, metrics: list[str], 
         mu, sigma = feature_statistics(f1)
         out["fid"] = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     if "kid" in metrics:
-        k = kid_features_to_metric(f1, f2, kid_subsets=KID_SUBSETS, kid_subset_size=min(KID_SUBSET_SIZE, n1, n2),
+        k = kid_features_to_metric(f1, f2, kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(n1, n2),
                                    rng_seed=seed, verbose=False)
         out["kid_mean"], out["kid_std"] = k["kernel_inception_distance_mean"], k["kernel_inception_distance_std"]
     if "is" in metrics:
-        s = isc_features_to_metric(gen[is_layer], splits=min(IS_SPLITS, len(gen[is_layer])), shuffle=True,
+        s = isc_features_to_metric(gen[is_layer], splits=is_splits(len(gen[is_layer])), shuffle=True,
                                    rng_seed=seed)
         out["is_mean"], out["is_std"] = s["inception_score_mean"], s["inception_score_std"]
     if "pr" in metrics:
@@ -433,16 +433,26 @@ def small_n_warnings(n_gen: int, n_ref: int, dim: int) -> list[str]:
     return w
 
 
+def kid_subset_size(n_gen: int, n_ref: int) -> int:
+    """Images per KID subset: torch-fidelity's 1,000, or all of the smaller set."""
+    return min(KID_SUBSET_SIZE, n_gen, n_ref)
+
+
+def is_splits(n_gen: int) -> int:
+    """IS splits: 10, or one per image below that."""
+    return min(IS_SPLITS, n_gen)
+
+
 def small_n_kid_is_warnings(metrics, n_gen: int, n_ref: int) -> list[str]:
     """KID and IS caveats at small n (FID's are `small_n_warnings`): below ~100 images a KID subset or an
     IS split holds too few images for the number to mean anything — 2 images give IS = 1 exactly."""
     w = []
-    if "kid" in metrics and min(KID_SUBSET_SIZE, n_gen, n_ref) < 100:
-        w.append(f"KID from subsets of {min(KID_SUBSET_SIZE, n_gen, n_ref)} images is dominated by noise (see its "
-                 f"±); use ≥ 1,000 images per set")
-    if "is" in metrics and n_gen // max(1, min(IS_SPLITS, n_gen)) < 100:
-        w.append(f"IS from {min(IS_SPLITS, n_gen)} split(s) of {n_gen // max(1, min(IS_SPLITS, n_gen))} image(s) "
-                 f"is not meaningful; use ≥ 1,000 generated images")
+    subset, splits = kid_subset_size(n_gen, n_ref), is_splits(n_gen)
+    if "kid" in metrics and subset < 100:
+        w.append(f"KID from subsets of {subset} images is dominated by noise (see its ±); use ≥ 1,000 images per set")
+    if "is" in metrics and n_gen // max(1, splits) < 100:
+        w.append(f"IS from {splits} split(s) of {n_gen // max(1, splits)} image(s) is not meaningful; use ≥ 1,000 "
+                 f"generated images")
     return w
 
 
@@ -763,8 +773,8 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult | None:
         w += small_n_kid_is_warnings(metrics, n_images, p.ref.n)
         rec.update({
             "metrics": vals, "metrics_requested": metrics, "class_accuracy": acc, "n_generated": n_images,
-            "kid_subset_size": min(KID_SUBSET_SIZE, n_images, p.ref.n) if "kid" in metrics else None,
-            "is_splits": min(IS_SPLITS, n_images) if "is" in metrics else None,
+            "kid_subset_size": kid_subset_size(n_images, p.ref.n) if "kid" in metrics else None,
+            "is_splits": is_splits(n_images) if "is" in metrics else None,
             "eval_seconds": round(t_feat + t_met, 3), "feature_seconds": round(t_feat, 3),
             "metric_seconds": round(t_met, 3),
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
