@@ -240,7 +240,7 @@ def sample(
 
         warning = guidance_range_warning(s, ck.meta)
         if warning:
-            _console().print(f"[yellow]warning:[/] {warning}")
+            _console().print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     if classifier is not None and classifier_scale == 0:
         raise UserError(f"--classifier {str(classifier)!r}: give --classifier-scale S > 0 (without it the "
                         f"classifier would not guide)")
@@ -496,7 +496,7 @@ def eval_fid(
     else:
         con.print(sweep_table(res.records))
     for w in res.warnings:
-        con.print(f"[yellow]warning:[/] {w}")
+        con.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     for f in res.files:
         con.print(f"wrote {f}")
 
@@ -557,8 +557,22 @@ def _given_value(e, argv: list[str]) -> str:
     return f" (got {value!r})"
 
 
+def openmp_wait_policy(environ=os.environ) -> None:
+    """Cap OpenMP's spin-wait (GOMP_SPINCOUNT = 3000), unless the user chose (OMP_WAIT_POLICY, GOMP_SPINCOUNT).
+
+    torch's CPU ops are each an OpenMP parallel region, and libgomp's idle threads spin 300,000 iterations
+    (~3 ms) at every region's end before they sleep. Beside any other job the spinning threads eat the time
+    slices their descheduled team-mates need, and every op waits a scheduler tick: the digits training step
+    took 1.9 s instead of 0.3 s beside one busy process (bench/omp_wait.py, docs/BENCHMARKS.md). Sleeping at
+    once (OMP_WAIT_POLICY=PASSIVE) costs 1.5× on idle cores; a 3000-iteration spin keeps the idle speed.
+    Must run before torch is imported — libgomp reads it once, when it loads — so this module imports no torch."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = "3000"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and maps every error to its exit code and one line."""
+    openmp_wait_policy()
     cx = _click_exceptions()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

@@ -468,8 +468,8 @@ def validate_settings(s: EncodeSettings, num_classes: int, mode: str) -> list[st
     if s.seed < 0:
         raise UserError(f"--seed {s.seed}: must be ≥ 0")
     check_class_id(s.class_id, num_classes)
-    if s.cfg < 0:
-        raise UserError(f"--cfg {s.cfg}: must be ≥ 0")
+    if not 0 <= s.cfg < float("inf"):  # NaN fails too
+        raise UserError(f"--cfg {s.cfg}: must be a finite number ≥ 0")
     if s.cfg != 1.0:
         if num_classes == 0:
             raise UserError(f"--cfg {s.cfg}: the model is unconditional (no classes); guidance needs a "

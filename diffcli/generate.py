@@ -62,8 +62,8 @@ def validate_settings(s: SampleSettings, num_classes: int, guidance_input: bool 
         lo, hi = info.options[key]
         if not lo <= value <= hi:
             raise UserError(f"{flag} {value}: out of range for {s.sampler}; must be in [{lo:g}, {hi:g}]")
-    if s.classifier_scale < 0:
-        raise UserError(f"--classifier-scale {s.classifier_scale}: must be ≥ 0")
+    if not 0 <= s.classifier_scale < float("inf"):  # NaN fails too
+        raise UserError(f"--classifier-scale {s.classifier_scale}: must be a finite number ≥ 0")
     if s.cfg_interval is not None:
         lo, hi = s.cfg_interval
         if not 0 <= lo < hi:
@@ -79,8 +79,8 @@ def validate_settings(s: SampleSettings, num_classes: int, guidance_input: bool 
     if s.eta is not None and "eta" not in info.options:
         eta_takers = ", ".join(k for k, v in SAMPLER_INFO.items() if "eta" in v.options)
         raise UserError(f"--eta {s.eta}: the {s.sampler} sampler does not take η (these do: {eta_takers})")
-    if s.cfg < 0:
-        raise UserError(f"--cfg {s.cfg}: must be ≥ 0")
+    if not 0 <= s.cfg < float("inf"):  # NaN fails too: it sampled black images and wrote NaN into sample.json
+        raise UserError(f"--cfg {s.cfg}: must be a finite number ≥ 0")
     if s.cfg != 1.0 and num_classes == 0:
         raise UserError(f"--cfg {s.cfg}: the model is unconditional (no classes); classifier-free guidance "
                         f"needs a class-conditional model")
@@ -241,10 +241,32 @@ def resolve_tuned_schedule(ck: LoadedCheckpoint, s: SampleSettings, device: torc
         have = ", ".join(tuned_keys(path)) or "none"
         raise UserError(f"--schedule tuned: no tuned grid for {s.sampler} with {s.steps} steps in {path} (have: "
                         f"{have}); create one with --tune-schedule")
+    check_tuned_for(path, f"{s.sampler}/steps{s.steps}", sha, s.cfg)
     sig, solver = found
     s.sigmas = [float(v) for v in sig]
     if solver is not None:
         s.coefficients = {"a": solver.a.tolist(), "B": solver.B.tolist()}
+
+
+def check_tuned_for(path: Path, key: str, sha: str, cfg: float) -> None:
+    """A stored grid serves only the checkpoint and guidance scale it was fitted to: a retrained or replaced
+    checkpoint (same file name, so the same sidecar) or another --cfg is another ODE, and the grid would be
+    used silently. Entries from files that did not record these pass."""
+    from .checkpoint import read_safetensors
+
+    _, meta = read_safetensors(path)
+    was = meta.get(f"{key}:checkpoint_sha256")
+    if was is not None and was != sha:
+        raise UserError(f"--schedule tuned: the {key} grid in {str(path)!r} was tuned for another checkpoint "
+                        f"(sha256 {was[:12]}…, this one is {sha[:12]}…); re-tune it with --tune-schedule")
+    tuned_cfg = meta.get(f"{key}:cfg")
+    try:
+        differs = tuned_cfg is not None and float(tuned_cfg) != float(cfg)
+    except ValueError:
+        differs = False
+    if differs:
+        raise UserError(f"--schedule tuned: the {key} grid in {str(path)!r} was tuned at --cfg {float(tuned_cfg):g}, "
+                        f"not {cfg:g}; re-tune it with --tune-schedule --cfg {cfg:g}")
 
 
 def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, device: torch.device,

@@ -82,3 +82,28 @@ def test_help_and_version():
 
 
 # Bad inputs of every command (train, sample, eval-fid, encode): tests/test_cli_errors.py, one table.
+
+
+def test_openmp_spin_is_capped_unless_the_user_chose():
+    """The CLI caps libgomp's spin-wait (a training beside one busy process was ~6× slower with the default
+    spin, bench/omp_wait.py) — before torch loads, as libgomp reads it only then — and leaves a user's own
+    OMP_WAIT_POLICY / GOMP_SPINCOUNT alone."""
+    import subprocess
+    import sys
+
+    from diffcli.cli import openmp_wait_policy
+
+    env = {}
+    openmp_wait_policy(env)
+    assert env == {"GOMP_SPINCOUNT": "3000"}
+    for mine in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "100000"}):
+        env = dict(mine)
+        openmp_wait_policy(env)
+        assert env == mine
+    # the console entry point imports no torch before it sets the policy
+    code = ("import sys, diffcli.cli as c; assert 'torch' not in sys.modules, 'torch imported too early'; "
+            "import os; os.environ.pop('OMP_WAIT_POLICY', None); os.environ.pop('GOMP_SPINCOUNT', None); "
+            "sys.argv = ['diffcli', '--version']; rc = c.main(); print(os.environ['GOMP_SPINCOUNT'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "3000"

@@ -112,3 +112,32 @@ def test_tune_schedule_bad_input_exits_2_with_one_line(tiny_ckpt, tmp_path, caps
     rc = main([*base, "--schedule", "tuned", "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err
     assert rc == 2 and "unipc/steps4" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_tuned_grid_serves_only_its_checkpoint_and_guidance_scale(tiny_ckpt, tmp_path, capsys):
+    """A retrained or replaced checkpoint keeps its file name and so its sidecar; the grid fitted to the old
+    weights (or at another --cfg) was reused without a word. Now exit 2, one line, naming what differs."""
+    import shutil
+
+    from diffcli.checkpoint import read_safetensors, save_safetensors
+    from diffcli.cli import main
+    from diffcli.samplers import tuned_schedule_path
+
+    ck = tmp_path / "model.safetensors"
+    shutil.copy(tiny_ckpt, ck)
+    common = ["--sampler", "unipc", "--nfe", "4", "--n", "2", "--device", "cpu"]
+    assert main(["sample", str(ck), *common, "--tune-schedule", "--tune-draws", "8", "--tune-iters", "4",
+                 "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    side = tuned_schedule_path(ck)
+    tensors, meta = read_safetensors(side)
+    # another guidance scale
+    rc = main(["sample", str(ck), *common, "--schedule", "tuned", "--cfg", "2", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "tuned at --cfg 1, not 2" in err, err
+    # other weights under the same name: the recorded hash no longer matches
+    save_safetensors(side, tensors, {**meta, "unipc/steps4:checkpoint_sha256": "0" * 64})
+    rc = main(["sample", str(ck), *common, "--schedule", "tuned", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "another checkpoint" in err and "--tune-schedule" in err
+    assert not (tmp_path / "c" / "sample.json").exists()
