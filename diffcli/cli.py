@@ -293,6 +293,7 @@ def distill(
                                            "(with --resume: default, the run's own)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/RECIPE_NAME)."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set train.max_steps=200."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Override train.max_steps (as for train)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start over in an --out that already holds a run."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: recipe)."),
@@ -314,7 +315,9 @@ def distill(
         if not (resume and out is not None):
             raise UserError("distill needs a RECIPE (or --out RUN --resume to continue a run with its own recipe)")
         recipe = out / "recipe.toml"
-    rec = load_distill_recipe(recipe, list(set_))
+    if max_steps is not None and max_steps < 1:
+        raise UserError(f"--max-steps {max_steps}: must be ≥ 1")
+    rec = load_distill_recipe(recipe, list(set_) + ([f"train.max_steps={max_steps}"] if max_steps is not None else []))
     if out is None:
         name = rec.name or recipe.stem
         if name in ("", ".", "..") or Path(name).name != name or "\\" in name:

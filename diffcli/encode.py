@@ -516,8 +516,10 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
     return files
 
 
-def load_images(files: Sequence[Path], channels: int, resolution: int, log=_log_default) -> Tensor:
-    """(N, C, H, W) float32 in [-1, 1]; images of another size are centre-cropped and resized, with a note."""
+def load_images(files: Sequence[Path], channels: int, resolution: int, log=_log_default,
+                warnings: list[str] | None = None) -> Tensor:
+    """(N, C, H, W) float32 in [-1, 1]; images of another size are centre-cropped and resized, with a note
+    (also appended to `warnings`, which encode.json records: the PSNR is then against the resized input)."""
     from .data import read_image
 
     imgs, resized = [], []
@@ -529,8 +531,11 @@ def load_images(files: Sequence[Path], channels: int, resolution: int, log=_log_
         imgs.append(img)
     if resized:
         more = f" (+{len(resized) - 3} more)" if len(resized) > 3 else ""
-        log(f"note: {len(resized)} image(s) centre-cropped and resized to the model's {resolution}×{resolution}: "
-            f"{', '.join(resized[:3])}{more}")
+        note = (f"{len(resized)} image(s) centre-cropped and resized to the model's {resolution}×{resolution}: "
+                f"{', '.join(resized[:3])}{more}")
+        log(f"note: {note}")
+        if warnings is not None:
+            warnings.append(note)
     return torch.stack(imgs)
 
 
@@ -608,7 +613,8 @@ def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, devi
     files = collect_inputs(inputs)
     if s.interpolate and len(files) != 2:
         raise UserError(f"--interpolate needs exactly two input images, got {len(files)}")
-    x_all = load_images(files, ck.channels, ck.resolution, log)
+    resized: list[str] = []  # the resize note, recorded beside the option warnings
+    x_all = load_images(files, ck.channels, ck.resolution, log, resized)
     _prepare_out(out, force)
     for w in warnings:
         log(f"warning: {w}")
@@ -627,7 +633,7 @@ def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, devi
     record = _record_base(ck, spec, s, device, mode)
     eps = z.flatten(1) / spec.sigma_max
     record.update({"nfe_encode": nfe_enc, "nfe_decode": nfe_dec, "final_step_residual": res,
-                   "warnings": warnings, "overall": errs["overall"],
+                   "warnings": warnings + resized, "overall": errs["overall"],
                    "latent_stats": {"mean": float(eps.mean()), "std": float(eps.std()) if eps.numel() > 1 else None}})
     images = []
     for i, (f, e_i) in enumerate(zip(files, errs["images"])):

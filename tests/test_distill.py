@@ -257,6 +257,26 @@ def test_reflow_pairs_are_reproducible_and_resumable(tiny_ckpt, tmp_path):
     assert not torch.equal(other[0], a[0])
 
 
+def test_a_reflow_stopped_while_making_pairs_resumes_with_its_own_teacher(tiny_ckpt, tmp_path):
+    """Ctrl-C during pair generation left no student, so `--resume` without --teacher had no teacher to name,
+    though --help says it defaults to the run's own; and pairs of another teacher would have been reused."""
+    from diffcli.checkpoint import file_hash, load_checkpoint
+    from diffcli.distill.common import recorded_teacher
+    from diffcli.errors import UserError
+
+    ck = load_checkpoint(tiny_ckpt)
+    run = tmp_path / "run"
+    source = {"teacher": str(tiny_ckpt.resolve()), "teacher_sha256": file_hash(tiny_ckpt)}
+    kw = dict(n=4, chunk=4, seed=3, sampler="euler", steps=2, cfg=1.0, device=torch.device("cpu"),
+              log=lambda *a: None)
+    assert recorded_teacher(run) is None
+    make_pairs(ck.denoiser, 1, 8, folder=run / "pairs", source=source, **kw)
+    assert recorded_teacher(run) == tiny_ckpt.resolve()
+    make_pairs(ck.denoiser, 1, 8, folder=run / "pairs", source=source, **kw)  # same teacher: reused
+    with pytest.raises(UserError, match="pairs were made by a teacher with sha256"):
+        make_pairs(ck.denoiser, 1, 8, folder=run / "pairs", source={**source, "teacher_sha256": "0" * 64}, **kw)
+
+
 def test_reflow_straightens_the_oracle_flow():
     """One reflow on pairs from the exact mixture ODE gives trajectories that are much straighter."""
     from diffcli.samplers import SAMPLERS, exact_denoiser_calls
@@ -390,9 +410,10 @@ def test_cli_distill_resume_finds_the_teacher_of_an_interrupted_run(tiny_ckpt, t
     shutil.copy(tiny_ckpt, tmp_path / "work" / "teacher.safetensors")
     monkeypatch.chdir(tmp_path / "work")
     run = tmp_path / "run"
-    sets = [a for o in ["train.max_steps=4", "train.checkpoint_every=1"] + STEPS for a in ("--set", o)]
+    sets = [a for o in ["train.checkpoint_every=1"] + STEPS for a in ("--set", o)]
     assert cli_main(["distill", str(rec), "--teacher", "teacher.safetensors", "--out", str(run), "--device", "cpu",
-                     "--set", "train.max_minutes=1e-9", *sets]) == 0, capsys.readouterr().err
+                     "--max-steps", "4", "--set", "train.max_minutes=1e-9", *sets]) == 0, capsys.readouterr().err
+    assert "max_steps = 4" in (run / "recipe.toml").read_text()  # --max-steps, as train takes it
     (run / "last.safetensors").unlink()  # what SIGINT leaves: the checkpoint and its state, no final files
     (run / "distill.json").unlink()
     (run / "recipe.toml").write_text((run / "recipe.toml").read_text().replace("max_minutes = 1e-09\n", ""))

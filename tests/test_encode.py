@@ -293,10 +293,11 @@ def test_inputs_of_another_size_are_resized_with_a_note(tmp_path):
 
     save_png(tmp_path / "big.png", torch.linspace(-1, 1, 256).reshape(1, 16, 16))
     save_png(tmp_path / "sub" / "small.png", torch.zeros(1, 8, 8))
-    notes = []
-    x = load_images(collect_inputs([tmp_path]), 1, 8, log=notes.append)
+    notes, recorded = [], []
+    x = load_images(collect_inputs([tmp_path]), 1, 8, log=notes.append, warnings=recorded)
     assert x.shape == (2, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
     assert len(notes) == 1 and "big.png (16×16)" in notes[0] and "8×8" in notes[0]
+    assert len(recorded) == 1 and "big.png (16×16)" in recorded[0]  # encode.json's warnings record it too
 
 
 def test_diffcli_never_imports_diffusers():

@@ -182,12 +182,16 @@ def _newest_student(out: Path) -> Path | None:
 
 
 def recorded_teacher(out: Path) -> Path | None:
-    """The teacher a distill run folder records in its students (metadata `teacher`, an absolute path), for
-    --resume without --teacher; None when the run wrote no student yet."""
+    """The teacher a distill run folder records in its students (metadata `teacher`, an absolute path) or, for
+    a reflow run stopped while making its pairs, in its first pair chunk; for --resume without --teacher. None
+    when the run recorded none yet."""
     student = _newest_student(out)
-    if student is None:
+    chunk = out / "pairs" / "chunk_000000.safetensors"
+    if student is None and not chunk.is_file():
         return None
-    path = read_header(student)[1].get("teacher")
+    path = read_header(student if student is not None else chunk)[1].get("teacher")
+    if student is None and not path:  # pairs of a diffcli that did not record their teacher
+        return None
     if not path or not Path(path).is_file():
         raise UserError(f"--resume {str(out)!r}: the run's teacher {path!r} is not there; give --teacher CKPT")
     return Path(path)

@@ -59,9 +59,11 @@ def straightness(denoiser, z: Tensor, sigma_max: float, steps: int = 64, cond: T
 
 
 def make_pairs(teacher, channels: int, resolution: int, *, folder: Path, n: int, chunk: int, seed: int,
-               sampler: str, steps: int, cfg: float, device: torch.device, log=print) -> tuple[Tensor, Tensor, Tensor | None]:
+               sampler: str, steps: int, cfg: float, device: torch.device, log=print,
+               source: dict[str, str] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Generate (or load, resuming) n pairs into `folder`: returns noise z (n, C, H, W), samples x (n, C, H, W)
-    float32 and labels (n,) or None."""
+    float32 and labels (n,) or None. `source` (the teacher's path and sha256) goes into every chunk: a resume
+    interrupted before the first student finds its teacher there, and a chunk of another teacher is refused."""
     folder.mkdir(parents=True, exist_ok=True)
     settings = SampleSettings(sampler=sampler, steps=steps, n=n, seed=seed, cfg=cfg, batch_size=chunk)
     key = {"sampler": sampler, "steps": str(steps), "seed": str(seed), "cfg": repr(cfg), "n": str(n)}
@@ -74,6 +76,10 @@ def make_pairs(teacher, channels: int, resolution: int, *, folder: Path, n: int,
             if any(meta.get(k) != v for k, v in key.items()) or meta.get("end") != str(b):
                 raise UserError(f"{path}: pairs were made with other settings ({ {k: meta.get(k) for k in key} }); "
                                 f"remove {folder} or use --force")
+            was = meta.get("teacher_sha256")
+            if source and was is not None and was != source["teacher_sha256"]:
+                raise UserError(f"{path}: pairs were made by a teacher with sha256 {was}, not --teacher "
+                                f"{source['teacher']!r} ({source['teacher_sha256']}); resume with the run's own teacher")
         else:
             x, rec = generate(teacher, channels, resolution, settings, device=device, indices=range(a, b),
                               show_progress=False)
@@ -82,7 +88,7 @@ def make_pairs(teacher, channels: int, resolution: int, *, folder: Path, n: int,
             tensors = {"noise": z, "sample": x}
             if rec["labels"] is not None:
                 tensors["labels"] = torch.tensor(rec["labels"], dtype=torch.long)
-            save_safetensors(path, tensors, {**key, "start": str(a), "end": str(b)})
+            save_safetensors(path, tensors, {**key, **(source or {}), "start": str(a), "end": str(b)})
             log(f"pairs {b}/{n}")
         zs.append(tensors["noise"])
         xs.append(tensors["sample"])
@@ -127,9 +133,11 @@ class Reflow(Method):
 
     def _pairs(self, eng, denoiser, folder: str, cfg: float):
         c, t = self.cfg, self.recipe.train
+        source = ({"teacher": str(eng.teacher.path.resolve()), "teacher_sha256": eng.teacher_hash}
+                  if folder == "pairs" else None)  # the second reflow's pairs come from the run's own student
         return make_pairs(denoiser, eng.channels, eng.resolution, folder=eng.out / folder, n=c.num_pairs,
                           chunk=c.chunk_size, seed=t.seed, sampler=c.pair_sampler, steps=c.pair_steps, cfg=cfg,
-                          device=eng.dev, log=eng.log)
+                          device=eng.dev, log=eng.log, source=source)
 
     def prepare(self, eng) -> None:
         c, t = self.cfg, self.recipe.train
