@@ -556,3 +556,27 @@ def test_cli_distill_bad_input_exits_2(tiny_run, tiny_ckpt, tiny_recipe_path, tm
     assert not (tmp_path / "o").exists()  # nothing written on bad input
     rc = cli_main(["train", str(_write(tmp_path, "d.toml", RECIPES["progressive"]))])
     assert rc == 2 and "diffcli distill" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_reflow_makes_its_pairs_says_how_to_resume(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Before the first training step (reflow's pair generation) Ctrl-C printed a bare `error: interrupted`;
+    now exit 130 with the resume command, and the resume without --teacher finds the pairs' teacher."""
+    from diffcli.distill import reflow
+
+    rec = _write(tmp_path, "rf.toml", RECIPES["reflow"])
+    run = tmp_path / "run"
+    sets = [a for o in ["train.max_steps=2"] + STEPS for a in ("--set", o)]
+    made = reflow.make_pairs
+
+    def stop_after_the_pairs(*a, **k):
+        made(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reflow, "make_pairs", stop_after_the_pairs)
+    rc = cli_main(["distill", str(rec), "--teacher", str(tiny_ckpt), "--out", str(run), *sets])
+    err = capsys.readouterr().err
+    assert rc == 130 and "while preparing the reflow run" in err and "--resume" in err, err
+    assert [ln for ln in err.splitlines() if ln.startswith("error: ")] == [err.strip().splitlines()[-1]]
+    monkeypatch.setattr(reflow, "make_pairs", made)
+    assert cli_main(["distill", "--out", str(run), "--resume"]) == 0, capsys.readouterr().err
+    assert json.loads((run / "distill.json").read_text())["teacher"] == str(tiny_ckpt.resolve())

@@ -243,7 +243,12 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
         except (OSError, ValueError):
             pass  # an unreadable summary is rewritten below from what the run holds
     _truncate_metrics(out / "metrics.csv", start)
-    method.prepare(eng)
+    try:
+        method.prepare(eng)  # reflow makes its pairs here, chunk by chunk, before any training step
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted at step {start}, while preparing the {method.name} run (what it made is "
+                          f"kept). Resume with: diffcli distill {out / 'recipe.toml'} --teacher {teacher.path} "
+                          f"--out {out} --resume", 130) from None
     params = list(eng.student.net.parameters())
     ema_params = list(eng.ema.net.parameters())
     finished = method.finished_students()
