@@ -109,6 +109,16 @@ def test_progressive_round_bookkeeping(tiny_ckpt):
     m = Progressive(rec, load_checkpoint(tiny_ckpt))
     assert m.rounds == 3 and m.per_round == 3 and m.total_steps() == 9
     assert m.finished_students() == {3: 8, 6: 4, 9: 2}
+    notes = []  # 7 steps asked, 9 run: the run says so (it rounded up silently)
+
+    class Eng:
+        log = staticmethod(notes.append)
+
+        def load_data(self):
+            pass
+
+    m.prepare(Eng())
+    assert len(notes) == 1 and "max_steps = 7" in notes[0] and "3 steps a round, 9 in all" in notes[0]
     base = m.base
     for steps in (8, 4, 2):
         sampler, n, grid = m.student_sampling(steps)

@@ -140,6 +140,10 @@ class Progressive(Method):
                 f"{self.steps_after(r)}")
 
     def prepare(self, eng) -> None:
+        asked = self.recipe.train.max_steps
+        if self.total_steps() != asked:  # every round trains the same number of steps
+            eng.log(f"note: train.max_steps = {asked} split over {self.rounds} rounds: {self.per_round} steps a "
+                    f"round, {self.total_steps()} in all")
         eng.load_data()
 
     def loss(self, eng, step, x0, y, g):
