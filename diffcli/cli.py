@@ -56,6 +56,16 @@ def _table(title: str, rows: list[tuple[str, str]]):
     return table
 
 
+def _max_steps_override(max_steps: int | None) -> list[str]:
+    """`--max-steps N` of train and distill as the recipe override it stands for (checked here, so the error
+    names the option)."""
+    if max_steps is None:
+        return []
+    if max_steps < 1:
+        raise UserError(f"--max-steps {max_steps}: must be ≥ 1")
+    return [f"train.max_steps={max_steps}"]
+
+
 @app.command()
 def train(
     recipe: Optional[Path] = typer.Argument(None, help="TOML recipe (optional with --resume: the run's own)."),
@@ -81,13 +91,11 @@ def train(
     """
     from .recipes import load_recipe
 
-    if max_steps is not None and max_steps < 1:
-        raise UserError(f"--max-steps {max_steps}: must be ≥ 1")
+    overrides = list(set_) + _max_steps_override(max_steps)
     if recipe is None:
         if not (resume and out is not None):
             raise UserError("train needs a RECIPE (or --out RUN --resume to continue a run with its own recipe)")
         recipe = out / "recipe.toml"
-    overrides = list(set_) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
     rec = load_recipe(recipe, overrides)
     if out is None:  # the default run folder comes from the recipe: it must stay inside runs/
         name = rec.name or recipe.stem
@@ -315,9 +323,7 @@ def distill(
         if not (resume and out is not None):
             raise UserError("distill needs a RECIPE (or --out RUN --resume to continue a run with its own recipe)")
         recipe = out / "recipe.toml"
-    if max_steps is not None and max_steps < 1:
-        raise UserError(f"--max-steps {max_steps}: must be ≥ 1")
-    rec = load_distill_recipe(recipe, list(set_) + ([f"train.max_steps={max_steps}"] if max_steps is not None else []))
+    rec = load_distill_recipe(recipe, list(set_) + _max_steps_override(max_steps))
     if out is None:
         name = rec.name or recipe.stem
         if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
@@ -567,7 +573,7 @@ def openmp_wait_policy(environ=os.environ) -> None:
     (~3 ms) at every region's end before they sleep. Beside any other job the spinning threads eat the time
     slices their descheduled team-mates need, and every op waits a scheduler tick: the digits training step
     took 1.9 s instead of 0.3 s beside one busy process (bench/omp_wait.py, docs/BENCHMARKS.md). Sleeping at
-    once (OMP_WAIT_POLICY=PASSIVE) costs 1.5× on idle cores; a 3000-iteration spin keeps the idle speed.
+    once (OMP_WAIT_POLICY=PASSIVE) costs 1.6× on idle cores; a 3000-iteration spin keeps the idle speed.
     Must run before torch is imported — libgomp reads it once, when it loads — so this module imports no torch."""
     if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
         environ["GOMP_SPINCOUNT"] = "3000"

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
-from .generate import check_class_id
+from .generate import check_class_id, check_scale
 from .guidance import Conditioned
 from .runtime import check_out_folder
 from .samplers import SAMPLER_INFO, SAMPLERS, SCHEDULES, NFECounter, get_sigmas
@@ -468,8 +468,7 @@ def validate_settings(s: EncodeSettings, num_classes: int, mode: str) -> list[st
     if s.seed < 0:
         raise UserError(f"--seed {s.seed}: must be ≥ 0")
     check_class_id(s.class_id, num_classes)
-    if not 0 <= s.cfg < float("inf"):  # NaN fails too
-        raise UserError(f"--cfg {s.cfg}: must be a finite number ≥ 0")
+    check_scale("--cfg", s.cfg)
     if s.cfg != 1.0:
         if num_classes == 0:
             raise UserError(f"--cfg {s.cfg}: the model is unconditional (no classes); guidance needs a "

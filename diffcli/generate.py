@@ -62,8 +62,7 @@ def validate_settings(s: SampleSettings, num_classes: int, guidance_input: bool 
         lo, hi = info.options[key]
         if not lo <= value <= hi:
             raise UserError(f"{flag} {value}: out of range for {s.sampler}; must be in [{lo:g}, {hi:g}]")
-    if not 0 <= s.classifier_scale < float("inf"):  # NaN fails too
-        raise UserError(f"--classifier-scale {s.classifier_scale}: must be a finite number ≥ 0")
+    check_scale("--classifier-scale", s.classifier_scale)
     if s.cfg_interval is not None:
         lo, hi = s.cfg_interval
         if not 0 <= lo < hi:
@@ -79,8 +78,7 @@ def validate_settings(s: SampleSettings, num_classes: int, guidance_input: bool 
     if s.eta is not None and "eta" not in info.options:
         eta_takers = ", ".join(k for k, v in SAMPLER_INFO.items() if "eta" in v.options)
         raise UserError(f"--eta {s.eta}: the {s.sampler} sampler does not take η (these do: {eta_takers})")
-    if not 0 <= s.cfg < float("inf"):  # NaN fails too: it sampled black images and wrote NaN into sample.json
-        raise UserError(f"--cfg {s.cfg}: must be a finite number ≥ 0")
+    check_scale("--cfg", s.cfg)
     if s.cfg != 1.0 and num_classes == 0:
         raise UserError(f"--cfg {s.cfg}: the model is unconditional (no classes); classifier-free guidance "
                         f"needs a class-conditional model")
@@ -114,6 +112,13 @@ def guidance_range_warning(s: SampleSettings, meta: dict) -> str | None:
         return None
     return (f"--cfg {s.cfg:g} is outside the w range [{w[0]:g}, {w[1]:g}] this student was distilled for; "
             f"it extrapolates")
+
+
+def check_scale(flag: str, value: float) -> None:
+    """A guidance scale must be a finite number ≥ 0: NaN passed a plain `< 0` test, sampled black images and
+    wrote NaN (not JSON) into sample.json."""
+    if not 0 <= value < float("inf"):
+        raise UserError(f"{flag} {value}: must be a finite number ≥ 0")
 
 
 def check_class_id(class_id: int | None, num_classes: int) -> None:

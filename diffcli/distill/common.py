@@ -185,8 +185,10 @@ def recorded_teacher(out: Path) -> Path | None:
     """The teacher a distill run folder records in its students (metadata `teacher`, an absolute path) or, for
     a reflow run stopped while making its pairs, in its first pair chunk; for --resume without --teacher. None
     when the run recorded none yet."""
+    from .reflow import pair_chunk
+
     student = _newest_student(out)
-    chunk = out / "pairs" / "chunk_000000.safetensors"
+    chunk = pair_chunk(out / "pairs", 0)
     if student is None and not chunk.is_file():
         return None
     path = read_header(student if student is not None else chunk)[1].get("teacher")

@@ -58,6 +58,11 @@ def straightness(denoiser, z: Tensor, sigma_max: float, steps: int = 64, cond: T
     return float((total / sum(dts)).mean())
 
 
+def pair_chunk(folder: Path, start: int) -> Path:
+    """The file of the pairs from index `start` on."""
+    return folder / f"chunk_{start:06d}.safetensors"
+
+
 def make_pairs(teacher, channels: int, resolution: int, *, folder: Path, n: int, chunk: int, seed: int,
                sampler: str, steps: int, cfg: float, device: torch.device, log=print,
                source: dict[str, str] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -70,7 +75,7 @@ def make_pairs(teacher, channels: int, resolution: int, *, folder: Path, n: int,
     zs, xs, ys = [], [], []
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
-        path = folder / f"chunk_{a:06d}.safetensors"
+        path = pair_chunk(folder, a)
         if path.exists():
             tensors, meta = read_safetensors(path)
             if any(meta.get(k) != v for k, v in key.items()) or meta.get("end") != str(b):
