@@ -266,6 +266,9 @@ def sample(
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"--out {str(out)!r} is not empty; choose another folder or pass --force to overwrite")
     _refuse_escaping_subfolders(out, ("images",))
+    from .images import check_images_replaceable
+
+    check_images_replaceable(out)
     if s.schedule == "tuned":
         from .generate import resolve_tuned_schedule
 

@@ -566,10 +566,14 @@ def _finite(v):
     return v
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+def _prepare_out(out: Path, force: bool, writes_images: bool) -> None:
+    from .images import check_images_replaceable
+
     check_out_folder(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"--out {str(out)!r} is not empty; choose another folder or pass --force to overwrite")
+    if writes_images:
+        check_images_replaceable(out)
     # the folder itself is made when the results are written: a failure or Ctrl-C before leaves nothing behind
 
 
@@ -614,7 +618,7 @@ def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, devi
         raise UserError(f"--interpolate needs exactly two input images, got {len(files)}")
     resized: list[str] = []  # the resize note, recorded beside the option warnings
     x_all = load_images(files, ck.channels, ck.resolution, log, resized)
-    _prepare_out(out, force)
+    _prepare_out(out, force, writes_images=False)
     for w in warnings:
         log(f"warning: {w}")
     t0 = time.perf_counter()
@@ -647,7 +651,9 @@ def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, devi
             "sources": json.dumps([str(f) for f in files])}
     labels = torch.full((len(files),), -1 if s.class_id is None else s.class_id, dtype=torch.long)
     out.mkdir(parents=True, exist_ok=True)
-    clear_outputs(out, ENCODE_OUTPUTS)  # an earlier encode/decode run's files (--force): never mix two runs
+    # an earlier encode/decode run's files (--force): never mix two runs; encode writes no images, so it removes
+    # a decode's but leaves a sample folder's
+    clear_outputs(out, ENCODE_OUTPUTS, image_records=("decode.json",))
     save_safetensors(out / "latents.safetensors", {"latents": z, "labels": labels}, meta)
     rows = torch.stack([x_all.float(), _latent_view(z, spec.sigma_max), y.float().clamp(-1, 1)], 1)
     save_grid(out / "reconstruction.png", rows[:64].flatten(0, 1), nrow=3)
@@ -747,7 +753,7 @@ def run_decode(ck, latents: Path, out: Path, s: EncodeSettings, *, device: torch
         warnings.append(f"decoding with {spec.solver} on {spec.steps} {spec.schedule} levels, but the latents were "
                         f"encoded with {base.solver} on {base.steps} {base.schedule} levels: not an exact inverse")
     cfg = s.cfg if s.cfg != 1.0 else float(meta.get("cfg", "1.0"))
-    _prepare_out(out, force)
+    _prepare_out(out, force, writes_images=True)
     for w in warnings:
         log(f"warning: {w}")
     t0 = time.perf_counter()

@@ -364,7 +364,8 @@ def write_sample_folder(out: Path, images: Tensor, record: dict, s: SampleSettin
     sample folder's files there (`--force`) go first, so that the folder holds this run alone."""
     from .checkpoint import atomic_write_bytes
 
-    clear_outputs(out, ("grid.png", "sample.json"))
+    # a decode folder's record goes too: it would describe images this run replaces
+    clear_outputs(out, ("grid.png", "sample.json", "decoded.png", "decode.json"))
     (out / "images").mkdir(parents=True, exist_ok=True)
     u8 = to_uint8(images)
     for i, img in enumerate(u8):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import atomic_write_bytes
+from .errors import UserError
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -61,16 +62,37 @@ def load_png_uint8(path: str | Path) -> np.ndarray:
         return np.asarray(im)
 
 
-def clear_outputs(out: Path, names: Sequence[str]) -> None:
+IMAGE_RECORDS = ("sample.json", "decode.json")  # the records of the runs that write images/NNNNNN.png
+
+
+def numbered_images(out: Path) -> list[Path]:
+    """The images/NNNNNN.png files in `out` — the names diffcli's sample and decode write."""
+    img = out / "images"
+    if not img.is_dir() or img.is_symlink():
+        return []
+    return sorted(p for p in img.iterdir() if re.fullmatch(r"\d{6}\.png", p.name) and p.is_file())
+
+
+def check_images_replaceable(out: Path) -> None:
+    """`--force` replaces what an earlier diffcli run wrote, never images it did not write: numbered PNGs in
+    out/images with no sample.json or decode.json beside them (a user's own images, an interrupted run's, or this
+    run's inputs) are refused before any work, naming the folder."""
+    found = numbered_images(out)
+    if found and not any((out / r).is_file() for r in IMAGE_RECORDS):
+        raise UserError(f"--out {str(out)!r}: images/ holds {len(found)} PNG file(s) such as {found[0].name!r} that "
+                        f"no sample.json or decode.json describes; --force replaces only diffcli's own output — "
+                        f"move them or choose another folder")
+
+
+def clear_outputs(out: Path, names: Sequence[str], image_records: Sequence[str] = IMAGE_RECORDS) -> None:
     """Before a run writes into a folder that an earlier run filled (`--force`): remove the files diffcli itself
-    writes there — `names` and images/NNNNNN.png — so the folder never mixes two runs (an eval-fid of it would
-    score both). Nothing else in the folder is touched."""
+    writes there — `names`, and images/NNNNNN.png when one of `image_records` shows a diffcli run wrote them — so
+    the folder never mixes two runs (an eval-fid of it would score both). Nothing else in the folder is touched."""
+    ours = any((out / r).is_file() for r in image_records)  # read before `names` (which hold the records) go
     for name in names:
         p = out / name
         if p.is_file() or p.is_symlink():
             p.unlink()
-    img = out / "images"
-    if img.is_dir() and not img.is_symlink():
-        for p in img.iterdir():
-            if re.fullmatch(r"\d{6}\.png", p.name) and p.is_file():
-                p.unlink()
+    if ours:
+        for p in numbered_images(out):
+            p.unlink()

@@ -152,6 +152,8 @@ def ws(tmp_path_factory, tiny_recipe_path, tiny_ckpt) -> Path:
     (w / "outside").mkdir()
     (w / "linked_out").mkdir()
     (w / "linked_out" / "images").symlink_to(w / "outside", target_is_directory=True)
+    (w / "foreign_out" / "images").mkdir(parents=True)  # a user's own numbered PNGs, no diffcli record beside
+    Image.new("L", (8, 8)).save(w / "foreign_out" / "images" / "000000.png")
     (w / "cache").mkdir()
     return w
 
@@ -272,6 +274,9 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("sample: --out not empty", ["sample", "{w}/ckpt.safetensors", "--out", "{w}/full_out"], ["not empty", "--force"]),
     ("sample: symlinked images folder", ["sample", "{w}/ckpt.safetensors", "--n", "2", "--steps", "2", "--force",
                                          "--out", "{w}/linked_out"], ["images", "symbolic link"]),
+    ("sample: --force over images diffcli did not write", ["sample", "{w}/ckpt.safetensors", "--n", "2", "--steps",
+                                                           "2", "--force", "--out", "{w}/foreign_out"],
+     ["foreign_out", "000000.png", "sample.json"]),
     ("sample: bad --device", ["sample", "{w}/ckpt.safetensors", "--device", "cuda:7", "--out", "{w}/s"],
      ["--device"]),
     # eval-fid — the failures that come before any feature extractor runs

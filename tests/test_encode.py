@@ -331,3 +331,35 @@ def test_sample_and_encode_folders_give_their_images_not_their_grids(tiny_ckpt, 
     plain.mkdir()
     shutil.copy(smp / "grid.png", plain / "grid.png")
     assert collect_inputs([plain]) == [plain / "grid.png"]  # any other folder: every image in it
+
+
+def test_force_replaces_diffcli_output_and_never_other_images(tiny_ckpt, encoded, tmp_path):
+    """`--force` empties what an earlier sample/decode wrote (the folder never mixes two runs), keeps a sample
+    folder's images when encode writes beside them (encode writes none), and refuses numbered PNGs that no
+    diffcli record describes — a user's own files are not diffcli's to delete."""
+    from PIL import Image
+
+    smp = tmp_path / "smp"
+    assert run_cli("sample", tiny_ckpt, "--steps", "2", "--n", "5", "--out", smp).returncode == 0
+    r = run_cli("sample", tiny_ckpt, "--steps", "2", "--n", "3", "--out", smp, "--force")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (smp / "images").iterdir()) == [f"{i:06d}.png" for i in range(3)]
+    assert json.loads((smp / "sample.json").read_text())["n"] == 3
+    r = run_cli("encode", tiny_ckpt, smp / "images", "--out", smp, "--force", "--nfe", "4")
+    assert r.returncode == 0, r.stderr
+    assert len(list((smp / "images").iterdir())) == 3 and (smp / "encode.json").exists()
+    # a decode folder resampled: its record goes with the images it described
+    dec = tmp_path / "dec"
+    assert run_cli("encode", tiny_ckpt, "--decode", encoded / "latents.safetensors", "--out", dec).returncode == 0
+    assert run_cli("sample", tiny_ckpt, "--steps", "2", "--n", "2", "--out", dec, "--force").returncode == 0
+    assert not (dec / "decode.json").exists() and len(list((dec / "images").iterdir())) == 2
+    # the user's own numbered PNGs: refused for sample and for decode, kept
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    Image.new("L", (8, 8), color=77).save(mine / "images" / "000000.png")
+    before = (mine / "images" / "000000.png").read_bytes()
+    for argv in (["sample", tiny_ckpt, "--steps", "2", "--n", "2"],
+                 ["encode", tiny_ckpt, "--decode", encoded / "latents.safetensors"]):
+        r = run_cli(*argv, "--out", mine, "--force")
+        assert r.returncode == 2 and "000000.png" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (mine / "images" / "000000.png").read_bytes() == before
