@@ -45,6 +45,12 @@ def _console():
     return Console(stderr=True, highlight=False)
 
 
+def _lines(con):
+    """The progress log of a long command: one message per line at any terminal width — rich wraps at 80 columns
+    when stderr is a pipe (CI logs, `2> log`), which would split a line that scripts grep."""
+    return lambda msg: con.print(msg, soft_wrap=True)
+
+
 def _table(title: str, rows: list[tuple[str, str]]):
     from rich.table import Table
 
@@ -114,7 +120,7 @@ def train(
     from .train import train as run_train  # torch loads only once the recipe is known to be good
 
     con = _console()
-    res = run_train(rec, out, resume=resume, force=force, device=device, log=con.print)
+    res = run_train(rec, out, resume=resume, force=force, device=device, log=_lines(con))
     if int(os.environ.get("RANK", "0")) != 0:
         return
     con.print(_table("diffcli train", [
@@ -273,7 +279,7 @@ def sample(
         from .generate import resolve_tuned_schedule
 
         resolve_tuned_schedule(ck, s, dev, tune=tune_schedule, draws=tune_draws, iters=tune_iters,
-                               method=tune_method, log=_console().print)
+                               method=tune_method, log=_lines(_console()))
     if nproc > 1:  # every input checked (and a --tune-schedule fitted, once, here): the ranks sample its result
         argv = [a for a in sys.argv[1:] if a not in ("--debug", "--tune-schedule")]
         raise typer.Exit(_relaunch_without_nproc(nproc, argv + (["--schedule", "tuned"] if tune_schedule else [])))
@@ -344,7 +350,7 @@ def distill(
             raise UserError("distill needs --teacher CKPT (the checkpoint to distill)")
 
     con = _console()
-    res = run_distill(rec, teacher, out, resume=resume, force=force, device=device, log=con.print)
+    res = run_distill(rec, teacher, out, resume=resume, force=force, device=device, log=_lines(con))
     rows = [("run folder", str(out)), ("method", res["method"]), ("steps", f"{res['steps']} / {res['total_steps']}"),
             ("last loss", f"{res['last_loss']:.5f}"), ("wall-clock", f"{res['seconds']:.1f} s")]
     rows += [("student", str(out / p)) for p in res["students"]]
@@ -413,13 +419,13 @@ def encode(
     ck = load_checkpoint(checkpoint, dev)
     con = _console()
     if decode is not None:
-        rec = run_decode(ck, decode, out, s, device=dev, force=force, log=con.print)
+        rec = run_decode(ck, decode, out, s, device=dev, force=force, log=_lines(con))
         con.print(_table("diffcli encode --decode", [
             ("images", f"{rec['n']} → {out / 'images'}"), ("grid", str(out / "decoded.png")),
             ("solver", f"{rec['solver']} ({rec['schedule']}, {rec['noise_levels']} levels)"),
             ("NFE", str(rec["nfe_decode"])), ("seconds", f"{rec['seconds']:.2f}")]))
         return
-    rec = run_encode(ck, inputs or [], out, s, device=dev, force=force, log=con.print)
+    rec = run_encode(ck, inputs or [], out, s, device=dev, force=force, log=_lines(con))
     o = rec["overall"]
     rows = [("images", str(len(rec["images"]))), ("latents", str(out / "latents.safetensors")),
             ("solver", f"{rec['solver']} ({rec['schedule']}, {rec['noise_levels']} levels)"),
@@ -497,9 +503,9 @@ def eval_fid(
     if nproc > 1:
         if dist.launched():
             raise UserError(f"--nproc {nproc}: already running under torchrun; give one or the other")
-        check(opts, log=con.print)  # every bad input is reported here, once, before a worker starts
+        check(opts, log=_lines(con))  # every bad input is reported here, once, before a worker starts
         raise typer.Exit(_relaunch_without_nproc(nproc, [a for a in sys.argv[1:] if a != "--debug"]))
-    res = evaluate(opts, log=con.print)
+    res = evaluate(opts, log=_lines(con))
     dist.finish()
     if res is None:  # not rank 0: rank 0 reports and writes
         return

@@ -31,6 +31,7 @@ and a step buys nothing) and needs only forward calls of the denoiser.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -191,6 +192,8 @@ def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: f
     def den(idx):
         return denoiser if labels is None else bind(labels[idx])
 
+    if log is not None:
+        log(f"tuning {sampler} NFE {nfe}: rk45 reference solve of {draws} draws …")
     with ctx(), torch.no_grad():
         ref = sample_rk45(den(slice(None)), x, torch.tensor([float(init.sigmas[0]), sigma_min, 0.0], dtype=torch.float64),
                           rtol=reference_rtol, atol=reference_rtol)
@@ -318,6 +321,9 @@ def tune_grid(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: flo
     def den(idx):
         return denoiser if labels is None else bind(labels[idx])
 
+    say = log or (lambda msg: None)
+    t0 = time.perf_counter()
+    say(f"tuning {sampler} NFE {nfe}: rk45 reference solve of {draws} draws …")
     with ctx():
         ref = torch.cat([sample_rk45(den(slice(b, b + bs)), x[b:b + bs], torch.tensor([hi, sigma_min, 0.0],
                                      dtype=torch.float64), rtol=reference_rtol, atol=reference_rtol)
@@ -339,18 +345,24 @@ def tune_grid(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: flo
     if steps < 2:
         return start, rec
     lo = min(sigma_min, float(start[-2]) * 0.999)
+    t1 = time.perf_counter()
     best = {"e": rms(start, n_hold, draws), "s": start}
+    per_eval = time.perf_counter() - t1
+    # a long fit on a real network must not look hung: an estimate now, then a line per tenth of the budget
+    say(f"  reference {t1 - t0:.1f} s; up to {evals} grid evaluations at {per_eval:.2f} s each "
+        f"(about {_duration(evals * per_eval)}); start grid train RMS {best['e']:.4g}")
     count = [0]
+    every = max(1, evals // 10)
 
     def f(theta) -> float:
         count[0] += 1
         sig = _levels_from_theta(torch.as_tensor(theta, dtype=torch.float64), lo, hi)
         e = rms(sig, n_hold, draws)
-        if not math.isfinite(e):
-            return 1e30
-        if e < best["e"]:
+        if math.isfinite(e) and e < best["e"]:
             best.update(e=e, s=sig)
-        return math.log(e)
+        if count[0] % every == 0:
+            say(f"  evaluation {count[0]}/{evals}: best train RMS {best['e']:.4g}")
+        return math.log(e) if math.isfinite(e) else 1e30
 
     minimize(f, _theta_from_levels(start, lo).numpy(), method="Nelder-Mead",
              options={"maxfev": evals, "xatol": 1e-4, "fatol": 1e-7, "adaptive": True})
@@ -365,6 +377,10 @@ def tune_grid(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: flo
         log(f"tuned {sampler} NFE {nfe} grid: held-out RMS {before_ho:.4g} → {rec['rms_after']:.4g} "
             f"({count[0]} evaluations, kept the {rec['kept']} grid)")
     return out.cpu(), rec
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def save_tuned_solver(path, sampler: str, steps: int, solver: LinearSolver | Tensor, meta: dict[str, str]) -> None:

@@ -77,6 +77,9 @@ def test_tune_schedule_cli_stores_a_solver_and_schedule_tuned_reuses_it(tiny_ckp
     # the default method fits the grid alone and replaces the learned solver stored under the same key
     assert main(["sample", str(ck), *common, "--tune-schedule", "--tune-draws", "16", "--tune-iters", "8",
                  "--out", str(tmp_path / "d")]) == 0
+    said = capsys.readouterr()
+    said = said.out + said.err  # a long fit says what it does and how long it will take, then how it goes
+    assert "reference solve of 16 draws" in said and "8 grid evaluations" in said and "evaluation 8/8" in said
     grid_d, solver_d = load_tuned_solver(side, "unipc", 4)
     rec_d = json.loads((tmp_path / "d" / "sample.json").read_text())
     assert solver_d is None and rec_d["tuned_solver"] is False and rec_d["nfe"] == 4
