@@ -459,6 +459,32 @@ def test_progressive_resume_is_bit_exact_across_a_round(tiny_ckpt, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_keeps_the_run_and_its_teacher(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """--force never deletes the teacher it is about to read; a progressive resume keeps the budget its rounds
+    were cut from; a run stopped before its first checkpoint (recipe.toml and teacher.json only) resumes
+    without --teacher."""
+    rec = _write(tmp_path, "pd.toml", RECIPES["progressive"])
+    run = tmp_path / "pd"
+    base = ["--out", str(run), "--device", "cpu", *[a for o in STEPS for a in ("--set", o)]]
+    assert cli_main(["distill", str(rec), "--teacher", str(tiny_ckpt), "--max-steps", "4", *base]) == 0
+    capsys.readouterr()
+    students = sorted((run / "students").iterdir())
+    assert cli_main(["distill", str(rec), "--teacher", str(run / "last.safetensors"), "--force", *base]) == 2
+    err = capsys.readouterr().err
+    assert "inside --out" in err and len(err.strip().splitlines()) == 1
+    assert sorted((run / "students").iterdir()) == students and (run / "last.safetensors").is_file()
+    # a budget of 6 would cut the 2 rounds 3 + 3 where the run trained 2 + 2
+    assert cli_main(["distill", "--out", str(run), "--resume", "--max-steps", "6", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_steps = 4" in err and "(given 6)" in err
+    for f in ("checkpoints", "students", "samples", "last.safetensors", "distill.json", "metrics.csv"):
+        p = run / f
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["distill", "--out", str(run), "--resume", "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert json.loads((run / "distill.json").read_text())["teacher"] == str(tiny_ckpt)
+
+
 def test_reflow_distillation_resumes_bit_exact_from_the_phase_boundary(tiny_ckpt, tmp_path):
     import shutil
 

@@ -38,7 +38,9 @@ from ..runtime import mix_seed, progress, resolve_device
 from ..train import (Batches, _MetricsWriter, _retain, _Signals, _truncate_metrics, ema_beta, latest_state,
                      load_state, lr_at, make_optimizer, prepare_run_folder, save_state)
 
-EXTRA_RUN_FILES = ("students", "pairs", "pairs_flow", "distill.json")
+EXTRA_RUN_FILES = ("students", "pairs", "pairs_flow", "distill.json", "teacher.json")
+# teacher.json: {"path", "sha256"} of the run's teacher, written when the run starts, so that a run stopped
+# before its first checkpoint resumes without --teacher
 
 
 # --- students -----------------------------------------------------------------------------------------------
@@ -93,6 +95,10 @@ class Method:
     def student_sampling(self, steps: int | None = None) -> tuple[str, int, list[float]]:
         """(sampler, steps, σ grid ending with 0) the student samples with."""
         raise NotImplementedError
+
+    # True where train.max_steps is cut into rounds or phases (named by budget_parts): a resume keeps the budget
+    budget_fixed_on_resume = False
+    budget_parts = ""
 
     def total_steps(self) -> int:
         return self.recipe.train.max_steps
@@ -181,19 +187,29 @@ def _newest_student(out: Path) -> Path | None:
     return last if last.is_file() else None
 
 
+def _recorded(path: Path, key: str) -> str | None:
+    """teacher.json's `key`, or None when the file is missing or unreadable."""
+    try:
+        v = json.loads(path.read_text())[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return v if isinstance(v, str) else None
+
+
 def recorded_teacher(out: Path) -> Path | None:
-    """The teacher a distill run folder records in its students (metadata `teacher`, an absolute path) or, for
-    a reflow run stopped while making its pairs, in its first pair chunk; for --resume without --teacher. None
-    when the run recorded none yet."""
+    """The teacher a distill run folder records (an absolute path) in its newest student's metadata, else in its
+    first reflow pair chunk (a reflow stopped while making pairs), else in teacher.json (a run stopped before
+    its first checkpoint); for --resume without --teacher. None when the run recorded none."""
     from .reflow import pair_chunk
 
     student = _newest_student(out)
     chunk = pair_chunk(out / "pairs", 0)
-    if student is None and not chunk.is_file():
-        return None
-    path = read_header(student if student is not None else chunk)[1].get("teacher")
-    if student is None and not path:  # pairs of a diffcli that did not record their teacher
-        return None
+    if student is not None:
+        path = read_header(student)[1].get("teacher")
+    else:
+        path = read_header(chunk)[1].get("teacher") if chunk.is_file() else _recorded(out / "teacher.json", "path")
+        if not path:  # nothing started here, or pairs of a diffcli that did not record their teacher
+            return None
     if not path or not Path(path).is_file():
         raise UserError(f"--resume {str(out)!r}: the run's teacher {path!r} is not there; give --teacher CKPT")
     return Path(path)
@@ -206,15 +222,25 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
     dev = resolve_device(device or t.device)
     teacher = load_teacher(teacher_path, dev)
     method = get_method(recipe, teacher)  # validates the method against the teacher before anything is written
+    if force and not resume and Path(teacher.path).resolve().is_relative_to(Path(out).resolve()):
+        raise UserError(f"--teacher {str(teacher.path)!r} lies inside --out {str(out)!r}, which --force empties; "
+                        f"copy the teacher elsewhere or choose another --out")
+    if resume and method.budget_fixed_on_resume and latest_state(out) is not None:
+        ran = load_distill_recipe(out / "recipe.toml").train.max_steps
+        if ran != recipe.train.max_steps:
+            # its rounds (or phases) are cut from the budget: another budget would re-cut a run half done
+            raise UserError(f"--resume {str(out)!r}: {method.name} splits train.max_steps = {ran} into its "
+                            f"{method.budget_parts}; a resumed run keeps it (given {recipe.train.max_steps})")
     if force and not resume:
         for f in EXTRA_RUN_FILES:
             p = out / f
             if p.exists():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     teacher_hash = file_hash(teacher.path)
-    student = _newest_student(out) if resume else None
-    if student is not None:
-        was = read_header(student)[1].get("teacher_sha256")
+    ran_with = out / "teacher.json"
+    if resume:  # the teacher the run recorded: in its newest student, else (stopped before one) teacher.json
+        student = _newest_student(out)
+        was = read_header(student)[1].get("teacher_sha256") if student is not None else _recorded(ran_with, "sha256")
         if was is not None and was != teacher_hash:
             raise UserError(f"--resume {str(out)!r}: the run was distilled from a teacher with sha256 {was}, but "
                             f"--teacher {str(teacher.path)!r} has {teacher_hash}; resume with the run's own teacher")
@@ -223,6 +249,7 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
     from ..checkpoint import atomic_write_bytes
 
     atomic_write_bytes(out / "recipe.toml", recipe.to_toml().encode())
+    atomic_write_text(ran_with, json.dumps({"path": str(Path(teacher.path).resolve()), "sha256": teacher_hash}))
     eng = Distiller(recipe, teacher, method, out, dev, log)
     eng.teacher_hash = teacher_hash
     torch.manual_seed(mix_seed(t.seed, 0, 3))

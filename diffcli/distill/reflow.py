@@ -119,6 +119,8 @@ class Reflow(Method):
             self.flow_steps = max(1, min(steps - 1, round(steps * (1 - c.distill_fraction))))
         self.before = self.after = None
         self.phase = 1
+        # with a distillation phase the budget is cut in two (distill_fraction): a resume keeps it
+        self.budget_fixed_on_resume, self.budget_parts = bool(c.distill_steps), "reflow and distillation phases"
 
     def final_steps(self) -> int:
         return self.cfg.distill_steps or self.cfg.student_steps
