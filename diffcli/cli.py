@@ -355,8 +355,8 @@ def distill(
             ("last loss", f"{res['last_loss']:.5f}"), ("wall-clock", f"{res['seconds']:.1f} s")]
     rows += [("student", str(out / p)) for p in res["students"]]
     if "straightness_teacher" in res:
-        rows.append(("straightness", f"teacher {res['straightness_teacher']:.5f} → student "
-                                     f"{res['straightness_student']:.5f}"))
+        rows.append(("straightness", f"teacher {res['straightness_teacher']:.5f} → reflowed flow "
+                                     f"{res['straightness_flow']:.5f}"))
     rows.append(("checkpoint", str(out / "last.safetensors")))
     con.print(_table("diffcli distill", rows))
 

@@ -149,7 +149,7 @@ def read_image(path: Path, channels: int | None, resolution: int | None,
             mode = im.mode
             c = image_channels(mode)
             if channels is not None and c != channels:
-                raise UserError(f"{path}: has {c} channel(s), the dataset has {channels}")
+                raise UserError(f"{path}: has {c} colour channel(s) (mode {mode}), the dataset has {channels}")
             if mode in ("I", "F") or mode.startswith("I;16"):
                 im = _to_8bit(im)
             im = im.convert("L" if c == 1 else "RGB")

@@ -423,10 +423,11 @@ def _log_default(*a, **k) -> None:
 def resolve_spec(s: EncodeSettings, denoiser, base: ODESpec | None = None) -> ODESpec:
     """The ODESpec of a run: --solver/--nfe/--rtol/--schedule over `base` (a latents file's) or the defaults."""
     solver = s.solver or (base.solver if base else DEFAULT_SOLVER)
+    what = "--solver" if s.solver or base is None else "the latents' solver (give --solver to decode with another)"
     if solver not in SAMPLER_INFO:
-        raise UserError(f"--solver {solver!r}: unknown; choose one of {', '.join(deterministic_solvers())}")
+        raise UserError(f"{what} {solver!r}: unknown; choose one of {', '.join(deterministic_solvers())}")
     if solver not in deterministic_solvers():
-        raise UserError(f"--solver {solver!r}: not an invertible (deterministic) solver; choose one of "
+        raise UserError(f"{what} {solver!r}: not an invertible solver; choose one of "
                         f"{', '.join(deterministic_solvers())}")
     if s.nfe is not None and s.rtol is not None:
         raise UserError("give --nfe or --rtol, not both")
@@ -491,9 +492,11 @@ def validate_settings(s: EncodeSettings, num_classes: int, mode: str) -> list[st
     return warnings
 
 
-def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
+def collect_inputs(inputs: Sequence[Path], out: Path | None = None) -> list[Path]:
     """Image files and the images inside folders (recursively, sorted), in the order given; a diffcli sample
-    or decode folder gives its images/ (not its grid), and an encode folder, which keeps no images, is refused."""
+    or decode folder gives its images/ (not its grid), and an encode folder, which keeps no images, is refused.
+    When this run's `out` lies below an input folder, the files in `out` are not inputs: they are an earlier
+    run's outputs."""
     from .data import diffcli_output_images, list_images
 
     files: list[Path] = []
@@ -507,6 +510,9 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
                                 f"reconstruction strip, not images; give the images that were encoded, or decode "
                                 f"its latents.safetensors with --decode")
             found = list_images(diffcli_output_images(p) or p)
+            skip = Path(out).resolve() if out is not None else None
+            if skip is not None and skip != p.resolve() and skip.is_relative_to(p.resolve()):
+                found = [f for f in found if not f.resolve().is_relative_to(skip)]
             if not found:
                 raise UserError(f"input folder {str(p)!r} holds no images")
             files.extend(found)
@@ -566,14 +572,28 @@ def _finite(v):
     return v
 
 
-def _prepare_out(out: Path, force: bool, writes_images: bool) -> None:
-    from .images import check_images_replaceable
+def _student_warnings(ck) -> list[str]:
+    """Progressive and consistency students are trained for their own few σ levels (or as a consistency
+    function), not as a denoiser along the whole ODE: an inversion with them runs, but means little."""
+    method = ck.meta.get("distill_method")
+    if method not in ("progressive", "consistency"):
+        return []
+    return [f"{ck.path} is a {method} student made to sample in {ck.meta.get('student_steps', '?')} step(s), not a "
+            f"denoiser along the whole ODE: its latents, round trip and bits/dim describe that student; encode "
+            f"with its teacher for an ODE inversion"]
+
+
+def _prepare_out(out: Path, force: bool, inputs: Sequence[Path], decoding: bool) -> None:
+    from .images import check_images_replaceable, check_inputs_survive
 
     check_out_folder(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"--out {str(out)!r} is not empty; choose another folder or pass --force to overwrite")
-    if writes_images:
+    if decoding:
         check_images_replaceable(out)
+        check_inputs_survive(out, DECODE_CLEARS, inputs)
+    else:
+        check_inputs_survive(out, ENCODE_OUTPUTS, inputs, ENCODE_IMAGE_RECORDS)
     # the folder itself is made when the results are written: a failure or Ctrl-C before leaves nothing behind
 
 
@@ -592,6 +612,9 @@ def _record_base(ck, spec: ODESpec, s: EncodeSettings, device, mode: str) -> dic
 # every file `diffcli encode` writes in --out (besides images/NNNNNN.png), in any of its modes
 ENCODE_OUTPUTS = ("latents.safetensors", "encode.json", "reconstruction.png", "interpolation.png", "decoded.png",
                   "decode.json")
+# decode writes images/ as a sample does: a sample folder's record and grid go with the images it replaces
+DECODE_CLEARS = ENCODE_OUTPUTS + ("sample.json", "grid.png")
+ENCODE_IMAGE_RECORDS = ("decode.json",)  # encode writes no images: it removes a decode's, never a sample's
 
 
 def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, device: torch.device,
@@ -604,7 +627,7 @@ def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, devi
 
     mode = "interpolate" if s.interpolate else "encode"
     den = ck.denoiser
-    warnings = validate_settings(s, den.num_classes, mode)
+    warnings = validate_settings(s, den.num_classes, mode) + _student_warnings(ck)
     spec = resolve_spec(s, den)
     if s.exact_divergence:
         d = ck.channels * ck.resolution**2
@@ -613,12 +636,12 @@ def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, devi
                             f"pass per dimension and is allowed up to {EXACT_DIVERGENCE_MAX_DIMS}; use --probes")
     if not inputs:
         raise UserError("encode needs INPUTS (image files or folders), or --decode LATENTS.safetensors")
-    files = collect_inputs(inputs)
+    files = collect_inputs(inputs, out)
     if s.interpolate and len(files) != 2:
         raise UserError(f"--interpolate needs exactly two input images, got {len(files)}")
     resized: list[str] = []  # the resize note, recorded beside the option warnings
     x_all = load_images(files, ck.channels, ck.resolution, log, resized)
-    _prepare_out(out, force, writes_images=False)
+    _prepare_out(out, force, files, decoding=False)
     for w in warnings:
         log(f"warning: {w}")
     t0 = time.perf_counter()
@@ -635,6 +658,12 @@ def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, devi
     errs = reconstruction_errors(x_all, y)
     record = _record_base(ck, spec, s, device, mode)
     eps = z.flatten(1) / spec.sigma_max
+    spread = float(eps.std()) if eps.numel() > 1 else 0.0
+    if not math.isfinite(spread) or spread > 3:  # x(σ_max) = x0 + σ_max·ε has std ≈ σ_max: ε std ≈ 1
+        db = errs["overall"]["psnr_db"]
+        warnings.append(f"the inversion diverged: latents have std {spread:.3g}·σ_max (≈ 1 expected; round-trip "
+                        f"PSNR {'∞' if db is None else f'{db:.1f}'} dB); raise --nfe or use another --solver")
+        log(f"warning: {warnings[-1]}")
     record.update({"nfe_encode": nfe_enc, "nfe_decode": nfe_dec, "final_step_residual": res,
                    "warnings": warnings + resized, "overall": errs["overall"],
                    "latent_stats": {"mean": float(eps.mean()), "std": float(eps.std()) if eps.numel() > 1 else None}})
@@ -653,7 +682,7 @@ def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, devi
     out.mkdir(parents=True, exist_ok=True)
     # an earlier encode/decode run's files (--force): never mix two runs; encode writes no images, so it removes
     # a decode's but leaves a sample folder's
-    clear_outputs(out, ENCODE_OUTPUTS, image_records=("decode.json",))
+    clear_outputs(out, ENCODE_OUTPUTS, ENCODE_IMAGE_RECORDS)
     save_safetensors(out / "latents.safetensors", {"latents": z, "labels": labels}, meta)
     rows = torch.stack([x_all.float(), _latent_view(z, spec.sigma_max), y.float().clamp(-1, 1)], 1)
     save_grid(out / "reconstruction.png", rows[:64].flatten(0, 1), nrow=3)
@@ -684,7 +713,9 @@ def _nll(den, x_all: Tensor, spec: ODESpec, s: EncodeSettings, device, images: l
     return {
         "bits_per_dim": float(bpd_t.mean()),
         "se": float(bpd_t.std() / math.sqrt(n)) if n > 1 else None,
-        "se_meaning": "standard error of the mean over images (includes the probes' variance)",
+        "se_meaning": "standard error of the mean over images" + (" (the divergence is exact: no probes)"
+                                                                   if s.exact_divergence
+                                                                   else " (includes the probes' variance)"),
         "divergence": "exact" if s.exact_divergence else f"hutchinson, {s.probes} Rademacher probe(s) per image",
         "dequantization": "uniform: x + (u - 1/2)*2/255, u ~ U[0,1)^D; bits/dim = -log p(x~)/(D ln 2) + log2(127.5)",
         "nfe": nfe, "dims": d,
@@ -729,6 +760,18 @@ def read_latents(path: Path, ck) -> tuple[Tensor, Tensor | None, ODESpec, dict[s
     if not torch.isfinite(z).all():
         raise UserError(f"--decode {str(path)!r}: tensor 'latents' has non-finite values")
     labels = tensors.get("labels")
+    if labels is not None:  # (N,) int64: a class, or -1 for none (what encode writes)
+        if labels.shape != (len(z),) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise UserError(f"--decode {str(path)!r}: tensor 'labels' is {labels.dtype} of shape {tuple(labels.shape)}, "
+                            f"expected {len(z)} integer labels, one per latent")
+        nc = ck.denoiser.num_classes
+        bad = labels[(labels < -1) | (labels >= nc)] if nc else labels[labels != -1]
+        if len(bad):
+            raise UserError(f"--decode {str(path)!r}: tensor 'labels' holds {int(bad[0])}; "
+                            + (f"{str(ck.path)!r} has classes 0–{nc - 1} (-1: none)" if nc else
+                               f"{str(ck.path)!r} is unconditional (-1: none)"))
+    if meta.get("solver") not in SAMPLER_INFO:
+        raise UserError(f"--decode {str(path)!r}: metadata solver = {meta.get('solver')!r} is not a diffcli solver")
     try:
         spec = ODESpec(solver=meta["solver"], steps=int(meta["steps"]), schedule=meta["schedule"],
                        sigma_min=float(meta["sigma_min"]), sigma_max=float(meta["sigma_max"]),
@@ -746,14 +789,14 @@ def run_decode(ck, latents: Path, out: Path, s: EncodeSettings, *, device: torch
     from .images import clear_outputs, png_bytes, save_grid, to_uint8
 
     den = ck.denoiser
-    warnings = validate_settings(s, den.num_classes, "decode")
+    warnings = validate_settings(s, den.num_classes, "decode") + _student_warnings(ck)
     z, labels, base, meta = read_latents(latents, ck)
     spec = resolve_spec(s, den, base)
     if (spec.solver, spec.steps, spec.schedule) != (base.solver, base.steps, base.schedule):
         warnings.append(f"decoding with {spec.solver} on {spec.steps} {spec.schedule} levels, but the latents were "
                         f"encoded with {base.solver} on {base.steps} {base.schedule} levels: not an exact inverse")
     cfg = s.cfg if s.cfg != 1.0 else float(meta.get("cfg", "1.0"))
-    _prepare_out(out, force, writes_images=True)
+    _prepare_out(out, force, [Path(latents)], decoding=True)
     for w in warnings:
         log(f"warning: {w}")
     t0 = time.perf_counter()
@@ -768,7 +811,7 @@ def run_decode(ck, latents: Path, out: Path, s: EncodeSettings, *, device: torch
         ys.append(y.cpu())
     y = torch.cat(ys) if ys else torch.empty(0, ck.channels, ck.resolution, ck.resolution)
     out.mkdir(parents=True, exist_ok=True)
-    clear_outputs(out, ENCODE_OUTPUTS)  # an earlier encode/decode run's files (--force): never mix two runs
+    clear_outputs(out, DECODE_CLEARS)  # an earlier run's files (--force): never mix two runs
     (out / "images").mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(to_uint8(y)):
         atomic_write_bytes(out / "images" / f"{i:06d}.png", png_bytes(img))

@@ -84,15 +84,29 @@ def check_images_replaceable(out: Path) -> None:
                         f"move them or choose another folder")
 
 
+def outputs_to_clear(out: Path, names: Sequence[str], image_records: Sequence[str] = IMAGE_RECORDS) -> list[Path]:
+    """The files `clear_outputs` would remove: `names`, and images/NNNNNN.png when one of `image_records` shows
+    a diffcli run wrote them."""
+    found = [out / n for n in names if (out / n).is_file() or (out / n).is_symlink()]
+    if any((out / r).is_file() for r in image_records):
+        found += numbered_images(out)
+    return found
+
+
+def check_inputs_survive(out: Path, names: Sequence[str], inputs: Sequence[Path],
+                         image_records: Sequence[str] = IMAGE_RECORDS) -> None:
+    """A run reads its inputs before it writes: one that `--force` would remove (a latents file decoded into its
+    own encode folder, a decode folder's images encoded into it) is refused before any work, naming it."""
+    doomed = {p.resolve() for p in outputs_to_clear(out, names, image_records)}
+    for p in inputs:
+        if Path(p).resolve() in doomed:
+            raise UserError(f"--out {str(out)!r} --force would delete the input {str(p)!r} (an earlier run's "
+                            f"output there); choose another --out")
+
+
 def clear_outputs(out: Path, names: Sequence[str], image_records: Sequence[str] = IMAGE_RECORDS) -> None:
     """Before a run writes into a folder that an earlier run filled (`--force`): remove the files diffcli itself
-    writes there — `names`, and images/NNNNNN.png when one of `image_records` shows a diffcli run wrote them — so
-    the folder never mixes two runs (an eval-fid of it would score both). Nothing else in the folder is touched."""
-    ours = any((out / r).is_file() for r in image_records)  # read before `names` (which hold the records) go
-    for name in names:
-        p = out / name
-        if p.is_file() or p.is_symlink():
-            p.unlink()
-    if ours:
-        for p in numbered_images(out):
-            p.unlink()
+    writes there (`outputs_to_clear`) so the folder never mixes two runs (an eval-fid of it would score both).
+    Nothing else in the folder is touched."""
+    for p in outputs_to_clear(out, names, image_records):
+        p.unlink()

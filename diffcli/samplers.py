@@ -464,8 +464,10 @@ def sample_ipndm(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callbac
     """Improved PNDM (Zhang & Chen 2023, "DEIS", Sec. 4's iPNDM): Adams–Bashforth on dx/dσ = (x - D)/σ that
     reuses up to `max_order` - 1 earlier slopes, warming up with lower orders instead of PNDM's Runge–Kutta
     start. The weights are exact for the actual (non-uniform) σ grid — the variable-step form, where
-    k-diffusion's `sample_ipndm` uses the uniform-step constants. One call per step; deterministic; runs on
-    increasing grids."""
+    k-diffusion's `sample_ipndm` uses the uniform-step constants. One call per step; deterministic. It runs on
+    increasing grids but is not offered for inversion (`invertible` False): there the steps grow and the
+    extrapolated slopes overshoot — on the digits model, 10 levels, round-trip PSNR 3–16 dB at orders 2–4
+    against 19 dB for Euler (order 1) and 41 dB for dpmpp_2m."""
     sigmas = _check_sigmas(sigmas.to(x.device))
     x = x.to(torch.float64)
     slopes: list[Tensor] = []
@@ -675,7 +677,7 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         SamplerInfo("unipc", sample_unipc, 3, False, "logsnr", "UniPC predictor-corrector, bh2, order 2-4 by step "
                     "size (Zhao et al. 2023)", _per_step, options={"order": (1, 5)}, invertible=True),
         SamplerInfo("ipndm", sample_ipndm, 4, False, "karras", "improved PNDM, variable-step Adams-Bashforth "
-                    "(Zhang & Chen 2023)", _per_step, options={"max_order": (1, 4)}, invertible=True),
+                    "(Zhang & Chen 2023)", _per_step, options={"max_order": (1, 4)}),
         SamplerInfo("pc", sample_pc, 1, True, "karras", "predictor-corrector, Langevin corrector with SNR rule "
                     "(Song et al. 2021)", lambda n, o: n + o.get("corrector_steps", 1) * max(n - 1, 0),
                     "N+C(N-1)", options={"snr": (1e-6, 1.0), "corrector_steps": (0, 100)}),

@@ -373,7 +373,7 @@ def test_cli_distill_end_to_end(variant, tiny_ckpt, tmp_path, capsys):
     assert (out / "last.safetensors").exists() and (out / "metrics.csv").exists()
     if method == "reflow":
         assert len(list((out / "pairs").glob("chunk_*.safetensors"))) == 2
-        assert summary["straightness_teacher"] > 0 and summary["straightness_student"] > 0
+        assert summary["straightness_teacher"] > 0 and summary["straightness_flow"] > 0
     if variant == "reflow-distill":  # the flow is kept; its own pairs fed the 2-step distillation
         assert (out / "students" / "flow.safetensors").exists()
         assert len(list((out / "pairs_flow").glob("chunk_*.safetensors"))) == 2

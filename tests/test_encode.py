@@ -262,11 +262,16 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_ckpt, digit_pngs, encoded, tmp
     assert not out.exists()  # nothing written for bad input
 
 
-def test_cli_bad_options_exit_2_in_process(tiny_ckpt, digit_pngs, tmp_path, capsys):
+def test_cli_bad_options_exit_2_in_process(tiny_ckpt, digit_pngs, encoded, tmp_path, capsys):
     """More bad options, through `main()` in-process (same error mapping, no interpreter start-up)."""
+    from diffcli.checkpoint import read_safetensors, save_safetensors
     from diffcli.cli import main
 
     d0, out = digit_pngs / "d0.png", tmp_path / "o"
+    t, meta = read_safetensors(encoded / "latents.safetensors")  # a latents file edited by hand: its labels
+    bad_labels, more_labels = tmp_path / "bad_labels.safetensors", tmp_path / "more_labels.safetensors"
+    save_safetensors(bad_labels, {**t, "labels": torch.full((3,), 42)}, meta)
+    save_safetensors(more_labels, {**t, "labels": torch.zeros(7, dtype=torch.long)}, meta)
     cases = [
         (["encode", tiny_ckpt, tmp_path / "missing.png", "--out", out], "missing.png"),
         (["encode", tiny_ckpt, d0, "--solver", "ddpm", "--out", out], "ddpm"),
@@ -278,6 +283,9 @@ def test_cli_bad_options_exit_2_in_process(tiny_ckpt, digit_pngs, tmp_path, caps
         (["encode", tiny_ckpt, d0, "--frames", "1", "--interpolate", "--out", out], "--frames"),
         (["encode", tiny_ckpt, "--out", out], "INPUTS"),
         (["encode", tiny_ckpt, "--decode", d0, "--out", out], "d0.png"),
+        (["encode", tiny_ckpt, d0, "--solver", "ipndm", "--out", out], "not an invertible solver"),
+        (["encode", tiny_ckpt, "--decode", bad_labels, "--out", out], "labels' holds 42"),
+        (["encode", tiny_ckpt, "--decode", more_labels, "--out", out], "expected 3 integer labels"),
     ]
     for args, needle in cases:
         rc = main([str(a) for a in args] + ["--device", "cpu"])
@@ -363,3 +371,53 @@ def test_force_replaces_diffcli_output_and_never_other_images(tiny_ckpt, encoded
         r = run_cli(*argv, "--out", mine, "--force")
         assert r.returncode == 2 and "000000.png" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (mine / "images" / "000000.png").read_bytes() == before
+    # a decode into a sample folder takes the sample's record and grid with the images it replaces
+    assert run_cli("encode", tiny_ckpt, "--decode", encoded / "latents.safetensors", "--out", smp,
+                   "--force").returncode == 0
+    assert not (smp / "sample.json").exists() and not (smp / "grid.png").exists()
+    assert len(list((smp / "images").iterdir())) == 3 and (smp / "decode.json").exists()
+    # --force never deletes this run's own inputs: a latents file decoded into its encode folder, a decode
+    # folder's images encoded into it
+    enc, dec2 = tmp_path / "enc", tmp_path / "dec2"
+    shutil.copytree(encoded, enc)
+    assert run_cli("encode", tiny_ckpt, "--decode", encoded / "latents.safetensors", "--out", dec2).returncode == 0
+    for argv, needle in ((["--decode", enc / "latents.safetensors", "--out", enc], "latents.safetensors"),
+                         ([dec2 / "images", "--out", dec2], "000000.png")):
+        r = run_cli("encode", tiny_ckpt, *argv, "--force")
+        assert r.returncode == 2 and needle in r.stderr and "input" in r.stderr, r.stderr
+    assert (enc / "latents.safetensors").is_file() and len(list((dec2 / "images").iterdir())) == 3
+    # an --out below an input folder: an earlier run's files there are not inputs
+    imgs = tmp_path / "imgs"
+    shutil.copytree(smp / "images", imgs)
+    for extra in ([], ["--force"]):
+        r = run_cli("encode", tiny_ckpt, imgs, "--out", imgs / "enc", "--nfe", "4", *extra)
+        assert r.returncode == 0, r.stderr
+        assert len(json.loads((imgs / "enc" / "encode.json").read_text())["images"]) == 3
+
+
+def test_a_diverged_inversion_and_a_student_are_flagged(tiny_ckpt, digit_pngs, tmp_path, monkeypatch):
+    """Latents far above σ_max (an inversion that blew up) and a few-step student as the ODE denoiser run, but
+    the warnings say so — on stderr and in encode.json."""
+    import diffcli.encode as E
+    from diffcli.checkpoint import load_checkpoint, read_safetensors, save_safetensors
+
+    real = E.encode
+
+    def blown(*a, **k):
+        r = real(*a, **k)
+        return E.EncodeResult(r.latents * 100, r.x_sigma_min, r.nfe, r.final_step_residual)
+
+    monkeypatch.setattr(E, "encode", blown)
+    ck = load_checkpoint(tiny_ckpt, torch.device("cpu"))
+    said = []
+    rec = E.run_encode(ck, [digit_pngs], tmp_path / "a", E.EncodeSettings(nfe=4), device=torch.device("cpu"),
+                       log=said.append)
+    assert any("inversion diverged" in w for w in rec["warnings"]) and any("inversion diverged" in m for m in said)
+    monkeypatch.setattr(E, "encode", real)
+    t, meta = read_safetensors(tiny_ckpt)
+    student = tmp_path / "student.safetensors"
+    save_safetensors(student, t, {**meta, "distill_method": "consistency", "student_steps": "1"})
+    rec = E.run_encode(load_checkpoint(student, torch.device("cpu")), [digit_pngs], tmp_path / "b",
+                       E.EncodeSettings(nfe=4), device=torch.device("cpu"), log=said.append)
+    assert not any("inversion diverged" in w for w in rec["warnings"]), rec["warnings"]
+    assert any("consistency student" in w for w in rec["warnings"])

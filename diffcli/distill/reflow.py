@@ -202,7 +202,9 @@ class Reflow(Method):
             d = eng.ema
             self.after = straightness(d, self.eval_z, d.sigma_max, c.straightness_steps, cond=self.eval_y)
             eng.log(f"straightness: teacher {self.before:.5f} → reflowed student {self.after:.5f}")
-        out = {"straightness_teacher": self.before, "straightness_student": self.after, "pairs": c.num_pairs}
+        out = {"straightness_teacher": self.before, "straightness_flow": self.after, "pairs": c.num_pairs}
+        if not c.distill_steps:  # the student is the reflowed flow; a distilled one is not measured
+            out["straightness_student"] = self.after
         if c.distill_steps:
             out.update(distill_steps=c.distill_steps, reflow_optimizer_steps=self.flow_steps)
         return out
