@@ -230,17 +230,29 @@ def resolve_tuned_schedule(ck: LoadedCheckpoint, s: SampleSettings, device: torc
                       bind=lambda lab: Conditioned(d, lab, s.cfg, s.cfg_interval), log=log)
         shape = (ck.channels, ck.resolution, ck.resolution)
         start = None if s.schedule in (None, "tuned") else s.schedule
+        # an earlier fit for this checkpoint and scale competes on this fit's held-out draws: a quick re-fit
+        # (fewer draws or iterations) must not replace a better one
+        stored = load_tuned_solver(path, s.sampler, s.steps) if path.exists() else None
+        incumbent = None
+        if stored is not None:
+            try:
+                check_tuned_for(path, f"{s.sampler}/steps{s.steps}", sha, s.cfg)
+                incumbent = stored[1] if stored[1] is not None else stored[0]
+            except UserError:
+                pass  # fitted to another checkpoint or scale: nothing to keep
         if method == "grid":
             solver, rec = tune_grid(bound, s.sampler, info.nfe(s.steps, **s.options), lo, hi, shape, draws=draws,
-                                    evals=iters, schedule=start or "logsnr_leading_ms", **common)
+                                    evals=iters, schedule=start or "logsnr_leading_ms", incumbent=incumbent,
+                                    **common)
         else:
             solver, rec = tune_solver(bound, s.sampler, info.nfe(s.steps, **s.options), lo, hi, shape, draws=draws,
                                       iters=iters, schedule=start or default_schedule(s.sampler, d.process),
-                                      **common)
-        save_tuned_solver(path, s.sampler, s.steps, solver,
-                          {"checkpoint_sha256": sha, "rms_before": f"{rec['rms_before']:.6g}",
-                           "rms_after": f"{rec['rms_after']:.6g}", "draws": draws, "iters": iters, "cfg": s.cfg,
-                           "method": method})
+                                      incumbent=incumbent, **common)
+        if rec.get("kept") != "stored":
+            save_tuned_solver(path, s.sampler, s.steps, solver,
+                              {"checkpoint_sha256": sha, "rms_before": f"{rec['rms_before']:.6g}",
+                               "rms_after": f"{rec['rms_after']:.6g}", "draws": draws, "iters": iters, "cfg": s.cfg,
+                               "method": method})
     found = load_tuned_solver(path, s.sampler, s.steps)
     if found is None:
         have = ", ".join(tuned_keys(path)) or "none"

@@ -171,16 +171,26 @@ def _tunable(sampler: str, nfe: int, draws: int):
     return info, steps
 
 
+def _incumbent_fits(incumbent, start_level: float) -> bool:
+    """A stored grid or solver is comparable on this run's draws only if it starts at the same σ_0 (the draws
+    are σ_0·ε)."""
+    sig = incumbent.sigmas if isinstance(incumbent, LinearSolver) else incumbent
+    return sig is not None and abs(float(sig[0]) - start_level) <= 1e-9 * start_level
+
+
 def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: float, shape: tuple[int, ...], *,
                 draws: int = 1024, seed: int = 2, schedule: str | None = None, iters: int = 400, lr: float = 0.01, lr_coef: float = 3e-4,
                 coefficients: bool = True, reference_rtol: float = 1e-7, options: dict | None = None,
                 batch_size: int | None = None, holdout: float = 0.25, device: torch.device | str = "cpu",
-                exact: bool = False, labels: Tensor | None = None, bind=None, log=None) -> tuple[LinearSolver, dict]:
+                exact: bool = False, labels: Tensor | None = None, bind=None, log=None,
+                incumbent: LinearSolver | Tensor | None = None) -> tuple[LinearSolver | Tensor, dict]:
     """Learn a model-adapted solver (module docstring) starting from `sampler` on `schedule` (default: the
     sampler's) with `nfe` denoiser calls. `denoiser(x, σ)` must be bound to its labels/guidance and differentiable
     (torch autograd); for a conditional model give `labels` (draws,) and `bind(labels) -> denoiser` instead, and
     each batch is bound to its draws' labels. `exact` calls it in float64 (analytic oracles). Returns (solver, info) with the RMS errors
-    on the held-out draws before and after and the iteration kept."""
+    on the held-out draws before and after and the iteration kept. `incumbent` (a grid or solver stored by an
+    earlier fit) is returned instead, with info["kept"] = "stored", when it is better on the held-out draws: a
+    re-fit with a smaller budget never replaces a better one."""
     info, steps = _tunable(sampler, nfe, draws)
     start = get_sigmas(schedule or info.default_schedule, steps, sigma_min, sigma_max)
     init = solver_coefficients(sampler, start, options)
@@ -221,9 +231,26 @@ def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: f
             a = a * torch.cat([a.new_ones(n), a.new_zeros(1)])
         return LinearSolver(sig, a, init.B.to(device) + dB * mask)
 
-    def rms(solver: LinearSolver, xx: Tensor, rr: Tensor) -> float:
+    def rms(solver: LinearSolver | Tensor, xx: Tensor, rr: Tensor) -> float:
         with ctx(), torch.no_grad():
-            return float((run_linear_solver(den(ho), xx, solver) - rr).pow(2).mean().sqrt())
+            if isinstance(solver, LinearSolver):
+                out = run_linear_solver(den(ho), xx, solver)
+            else:  # a stored grid alone: the sampler's own rule on it
+                out = info.fn(den(ho), xx, solver.to(device), **(options or {}))
+            return float((out.to(torch.float64) - rr).pow(2).mean().sqrt())
+
+    def keep_better(result: LinearSolver, rec: dict) -> tuple[LinearSolver | Tensor, dict]:
+        rec["kept"] = "tuned" if rec["rms_after"] < rec["rms_before"] else "start"
+        rec["incumbent_skipped"] = incumbent is not None and not _incumbent_fits(incumbent, hi)
+        if incumbent is not None and _incumbent_fits(incumbent, hi):
+            e = rms(incumbent if not isinstance(incumbent, LinearSolver) else
+                    LinearSolver(incumbent.sigmas.to(device), incumbent.a.to(device), incumbent.B.to(device)),
+                    x_ho, ref_ho)
+            rec["rms_stored"] = e
+            if math.isfinite(e) and e <= rec["rms_after"]:
+                rec.update(rms_after=e, kept="stored")
+                return incumbent, rec
+        return result, rec
 
     groups = [{"params": [theta], "lr": lr}, {"params": [log_a, dB], "lr": lr_coef}]
     groups = [gr for gr in groups if all(p.requires_grad for p in gr["params"])]
@@ -231,7 +258,8 @@ def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: f
     before = rms(init_dev := LinearSolver(init.sigmas.to(device), init.a.to(device), init.B.to(device)), x_ho, ref_ho)
     best = {"e": before, "solver": init_dev, "iter": 0}
     if not params or iters < 1:
-        return init, {"rms_before": before, "rms_after": before, "iter": 0, "draws": draws, "holdout": n_hold}
+        return keep_better(init, {"rms_before": before, "rms_after": before, "iter": 0, "draws": draws,
+                                  "holdout": n_hold})
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
     bs = batch_size or len(x_tr)
@@ -274,10 +302,12 @@ def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: f
                 log(f"  iter {it}: train RMS {float(loss.detach().sqrt()):.4g}, held-out RMS {e:.4g}")
     s = best["solver"]
     out = LinearSolver(s.sigmas.cpu(), s.a.cpu(), s.B.cpu())
+    out, rec = keep_better(out, {"rms_before": before, "rms_after": best["e"], "iter": best["iter"], "draws": draws,
+                                 "holdout": n_hold, "rollbacks": rollbacks})
     if log is not None:
-        log(f"tuned {sampler} NFE {nfe}: held-out RMS {before:.4g} → {best['e']:.4g} (iteration {best['iter']})")
-    return out, {"rms_before": before, "rms_after": best["e"], "iter": best["iter"], "draws": draws,
-                 "holdout": n_hold, "rollbacks": rollbacks}
+        log(f"tuned {sampler} NFE {nfe}: held-out RMS {before:.4g} → {best['e']:.4g} (iteration {best['iter']})"
+            + _kept_note(rec))
+    return out, rec
 
 
 class _nullcontext:
@@ -297,7 +327,8 @@ def tune_grid(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: flo
               draws: int = 512, seed: int = 2, schedule: str = "logsnr_leading_ms", evals: int = 300,
               reference_rtol: float = 1e-7, options: dict | None = None, batch_size: int | None = None,
               holdout: float = 0.25, device: torch.device | str = "cpu", exact: bool = False,
-              labels: Tensor | None = None, bind=None, log=None) -> tuple[Tensor, dict]:
+              labels: Tensor | None = None, bind=None, log=None,
+              incumbent: LinearSolver | Tensor | None = None) -> tuple[Tensor | LinearSolver, dict]:
     """The σ grid of `sampler` with `nfe` denoiser calls, fitted to this denoiser by Nelder–Mead (module
     docstring; ideas of Sabour et al. 2024 "Align Your Steps" and Tong et al. 2024 LD3, fitted directly on the
     end-point error). Objective: log RMS distance of the sampler's output, run on the grid with its own rule,
@@ -306,7 +337,7 @@ def tune_grid(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: flo
     last one above min(σ_min, 0.999·σ_{n-1}) of the start). A quarter of the draws is held out: if the fitted
     grid is not better there than the start, the start is kept. `denoiser`, `labels`/`bind`, `exact` as in
     `tune_solver`; batches of `batch_size` draws bound memory. Returns (sigmas (steps+1,) ending with 0, info
-    with the held-out RMS before and after and the evaluations used)."""
+    with the held-out RMS before and after and the evaluations used); `incumbent` as in `tune_solver`."""
     from scipy.optimize import minimize
 
     info, steps = _tunable(sampler, nfe, draws)
@@ -330,12 +361,16 @@ def tune_grid(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: flo
                          for b in range(0, draws, bs)])
     n_hold = max(2, int(round(holdout * draws)))
 
-    def rms(sig: Tensor, lo_i: int, hi_i: int) -> float:
+    def rms(sig: Tensor | LinearSolver, lo_i: int, hi_i: int) -> float:
         sq = 0.0
         with ctx():
             for b in range(lo_i, hi_i, bs):
                 e = min(b + bs, hi_i)
-                out = info.fn(den(slice(b, e)), x[b:e], sig.to(device), **opts)
+                if isinstance(sig, LinearSolver):  # a stored learned solver (incumbent)
+                    out = run_linear_solver(den(slice(b, e)), x[b:e], LinearSolver(
+                        sig.sigmas.to(device), sig.a.to(device), sig.B.to(device)))
+                else:
+                    out = info.fn(den(slice(b, e)), x[b:e], sig.to(device), **opts)
                 sq += float((out.to(torch.float64) - ref[b:e]).pow(2).sum())
         return math.sqrt(sq / ((hi_i - lo_i) * x[0].numel()))
 
@@ -373,10 +408,27 @@ def tune_grid(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: flo
         out = best["s"]
     else:
         out = start
+    rec["incumbent_skipped"] = incumbent is not None and not _incumbent_fits(incumbent, hi)
+    if incumbent is not None and _incumbent_fits(incumbent, hi):
+        e = rms(incumbent, 0, n_hold)
+        rec["rms_stored"] = e
+        if math.isfinite(e) and e <= rec["rms_after"]:
+            rec.update(rms_after=e, kept="stored")
+            out = incumbent
     if log is not None:
         log(f"tuned {sampler} NFE {nfe} grid: held-out RMS {before_ho:.4g} → {rec['rms_after']:.4g} "
-            f"({count[0]} evaluations, kept the {rec['kept']} grid)")
-    return out.cpu(), rec
+            f"({count[0]} evaluations, kept the {rec['kept']} grid)" + _kept_note(rec))
+    return (out if isinstance(out, LinearSolver) else out.cpu()), rec
+
+
+def _kept_note(rec: dict) -> str:
+    if rec.get("kept") == "stored":
+        return f"; the grid stored before is better on these draws (RMS {rec['rms_stored']:.4g}) and stays"
+    if "rms_stored" in rec:
+        return f"; it replaces the stored one (RMS {rec['rms_stored']:.4g} on these draws)"
+    if rec.get("incumbent_skipped"):
+        return "; the stored entry starts at another σ_0, so it cannot be compared on these draws: replaced"
+    return ""
 
 
 def _duration(seconds: float) -> str:

@@ -86,6 +86,14 @@ def test_tune_schedule_cli_stores_a_solver_and_schedule_tuned_reuses_it(tiny_ckp
     assert rec_d["sigmas"] == [float(v) for v in grid_d]
     assert main(["sample", str(ck), *common, "--schedule", "tuned", "--out", str(tmp_path / "e")]) == 0
     assert (tmp_path / "d" / "grid.png").read_bytes() == (tmp_path / "e" / "grid.png").read_bytes()
+    # a quick re-fit (one evaluation: the start grid) does not replace the better grid stored before
+    capsys.readouterr()
+    kept = side.read_bytes()
+    assert main(["sample", str(ck), *common, "--tune-schedule", "--tune-draws", "16", "--tune-iters", "1",
+                 "--out", str(tmp_path / "f")]) == 0
+    said = capsys.readouterr()
+    assert side.read_bytes() == kept and "stored before is better" in said.out + said.err
+    assert json.loads((tmp_path / "f" / "sample.json").read_text())["sigmas"] == rec_d["sigmas"]
     capsys.readouterr()
 
 
