@@ -232,6 +232,9 @@ def sample(
         if steps < 1:
             raise UserError(f"--nfe {nfe}: too small for {name} (one step costs "
                             f"{SAMPLER_INFO[name].nfe(1, **options)} denoiser calls)")
+    elif steps is not None and SAMPLER_INFO[name].adaptive:
+        raise UserError(f"--steps {steps}: {name} is adaptive (it takes its own steps, their number follows from "
+                        f"--rtol); use --rtol")
     steps = steps if steps is not None else rs.steps
     if steps < 1:
         raise UserError(f"--steps {steps}: must be ≥ 1")

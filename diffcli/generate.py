@@ -286,12 +286,25 @@ def check_tuned_for(path: Path, key: str, sha: str, cfg: float) -> None:
                         f"not {cfg:g}; re-tune it with --tune-schedule --cfg {cfg:g}")
 
 
+def _guided(denoiser, cond: Tensor | None, s: SampleSettings, classifier=None):
+    """The denoiser the sampler calls: the model bound to its labels under the run's guidance."""
+    if getattr(denoiser, "guidance_input", False):  # guidance-distilled student: w is an input
+        guided = GuidanceInput(denoiser, cond, s.cfg)
+    else:
+        guided = Conditioned(denoiser, cond if denoiser.num_classes else None, s.cfg, s.cfg_interval)
+    if classifier is not None and s.classifier_scale > 0:
+        guided = ClassifierGuided(guided, classifier, cond, s.classifier_scale)
+    return guided
+
+
 def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, device: torch.device,
              indices: range | None = None, show_progress: bool = True, classifier=None) -> tuple[Tensor, dict]:
     """Sample images `indices` (default 0..n-1) of the run: (N, C, H, W) float in [-1, 1] and a record.
 
     Image i depends only on (seed, i) and the settings: its initial noise and every later noise draw come
-    from its own generator, so batch size and sharding change nothing."""
+    from its own generator, so batch size and sharding change nothing. An adaptive solver (rk45) solves each
+    image's ODE alone, since its step sizes would otherwise follow the whole batch. The record's `nfe` is the
+    most denoiser calls any image took (all alike but for adaptive solvers, which add `nfe_mean`)."""
     indices = indices if indices is not None else range(s.n)
     info = SAMPLER_INFO[s.sampler]
     sigmas, schedule = labelled_sigma_grid(denoiser, s)
@@ -306,7 +319,7 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
         opts["eta"] = 0.0
     if s.sampler == "unipc" and "variant" not in opts and (s.cfg != 1.0 or classifier is not None):
         opts["variant"] = "bh2"  # Zhao et al. 2023: B2(h) = e^h - 1 for guided sampling, B1 otherwise
-    out, nfe, net_evals = [], 0, 0
+    out, nfes, net_evals = [], [], 0
     t0 = time.perf_counter()
     idx = list(indices)
     with progress() as bar:
@@ -318,22 +331,29 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
             x = torch.stack([torch.randn(channels, resolution, resolution, generator=g) for g in gens])
             x = x.to(device=device, dtype=torch.float64) * sigmas[0]
             cond = labels[batch].to(device) if labels is not None else None
-            if getattr(denoiser, "guidance_input", False):  # guidance-distilled student: w is an input
-                guided = GuidanceInput(denoiser, cond, s.cfg)
-            else:
-                guided = Conditioned(denoiser, cond if denoiser.num_classes else None, s.cfg, s.cfg_interval)
-            if classifier is not None and s.classifier_scale > 0:
-                guided = ClassifierGuided(guided, classifier, cond, s.classifier_scale)
-            counter = NFECounter(guided)
+            guided = _guided(denoiser, cond, s, classifier)
             if s.coefficients is not None:  # a learned solver (diffcli.tuning): its own levels and coefficients
                 from .tuning import sample_linear_solver
 
+                counter = NFECounter(guided)
                 x0 = sample_linear_solver(counter, x, sigmas, a=torch.tensor(s.coefficients["a"]),
                                           B=torch.tensor(s.coefficients["B"]))
+                nfes += [counter.nfe] * len(batch)
+            elif info.adaptive:  # one ODE per image: its steps are its own, whatever else is in the batch
+                rows = []
+                for j in range(len(batch)):
+                    one = _guided(denoiser, cond[j:j + 1] if cond is not None else None, s, classifier)
+                    counter = NFECounter(one)
+                    rows.append(info.fn(counter, x[j:j + 1], sigmas, generator=gens[j:j + 1], **opts))
+                    nfes.append(counter.nfe)
+                    net_evals = max(net_evals, one.network_evaluations)
+                x0 = torch.cat(rows)
             else:
+                counter = NFECounter(guided)
                 x0 = info.fn(counter, x, sigmas, generator=gens, **opts)
+                nfes += [counter.nfe] * len(batch)
             out.append(x0.float().clamp(-1, 1).cpu())
-            nfe, net_evals = counter.nfe, guided.network_evaluations
+            net_evals = max(net_evals, guided.network_evaluations)
             bar.advance(task, len(batch))
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -341,10 +361,13 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
     record = {
         "sampler": s.sampler, "schedule": schedule, "steps": len(sigmas) - 1,
         "adaptive": info.cost is None,  # rk45: `steps` is its grid, whose ends alone it uses
-        "nfe": nfe, "network_evaluations": net_evals, "sigmas": [float(v) for v in sigmas.cpu()],
+        "nfe": max(nfes, default=0), "network_evaluations": net_evals, "sigmas": [float(v) for v in sigmas.cpu()],
         "seconds": round(seconds, 3), "options": opts, "tuned_solver": s.coefficients is not None,
         "labels": labels[idx].tolist() if labels is not None else None,
     }
+    if info.adaptive:
+        record["nfe_mean"] = round(sum(nfes) / len(nfes), 2) if nfes else 0
+        record["nfe_total"] = sum(nfes)  # for merging shards
     return torch.cat(out) if out else torch.empty(0, channels, resolution, resolution), record
 
 
@@ -365,6 +388,12 @@ def generate_sharded(denoiser, channels: int, resolution: int, s: SampleSettings
         return None
     images = torch.cat([p[0] for p in parts])
     record = dict(parts[0][1], seconds=max(p[1]["seconds"] for p in parts), processes=world.size)
+    # the run's cost, not rank 0's (a rank with no images made no calls)
+    record["nfe"] = max(p[1]["nfe"] for p in parts)
+    record["network_evaluations"] = max(p[1]["network_evaluations"] for p in parts)
+    if "nfe_total" in record:
+        record["nfe_total"] = sum(p[1]["nfe_total"] for p in parts)
+        record["nfe_mean"] = round(record["nfe_total"] / max(len(images), 1), 2)
     if record.get("labels") is not None:
         record["labels"] = [lab for p in parts for lab in p[1]["labels"]]
     return images, record

@@ -510,6 +510,8 @@ def _plan(opts: EvalOptions, ck) -> list[tuple[str, int]]:
     plan = []
     for s in names:
         info = SAMPLER_INFO[s]
+        if opts.steps is not None and info.adaptive:
+            raise UserError(f"--steps {opts.steps}: {s} is adaptive (it takes its own steps); drop --steps for it")
         for nfe in (nfes or [None]):
             if nfe is None:
                 plan.append((s, opts.steps if opts.steps is not None else ck.recipe.sample.steps))

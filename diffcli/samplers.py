@@ -548,7 +548,8 @@ def sample_rk45(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback
     """Adaptive solve of the probability-flow ODE to a tolerance: Dormand–Prince RK5(4) (Dormand & Prince 1980)
     by scipy's `solve_ivp`, in t = log σ where dx/dt = x - D(x, e^t) (Karras et al. 2022, eq. 4, rewritten).
     Only the grid's ends matter: from σ_0 to the last σ > 0, then a final denoise if the grid ends on 0. The
-    whole batch is one ODE system, so the step sizes (and results, within the tolerance) depend on the batch.
+    whole batch is one ODE system, so the step sizes (and results, within the tolerance) depend on the batch —
+    which is why `diffcli sample` (diffcli.generate) calls it one image at a time.
     The reference solver for tests and benchmarks, and the inversion solver (increasing grids, no denoise)."""
     import numpy as np
     from scipy.integrate import solve_ivp

@@ -274,6 +274,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("sample: --out not empty", ["sample", "{w}/ckpt.safetensors", "--out", "{w}/full_out"], ["not empty", "--force"]),
     ("sample: symlinked images folder", ["sample", "{w}/ckpt.safetensors", "--n", "2", "--steps", "2", "--force",
                                          "--out", "{w}/linked_out"], ["images", "symbolic link"]),
+    ("sample: --steps for an adaptive solver", ["sample", "{w}/ckpt.safetensors", "--sampler", "rk45", "--steps", "50",
+                                               "--out", "{w}/s"], ["--steps 50", "adaptive", "--rtol"]),
     ("sample: --force over images diffcli did not write", ["sample", "{w}/ckpt.safetensors", "--n", "2", "--steps",
                                                            "2", "--force", "--out", "{w}/foreign_out"],
      ["foreign_out", "000000.png", "sample.json"]),

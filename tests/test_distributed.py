@@ -68,6 +68,8 @@ def test_two_process_sampling_is_byte_identical(tiny_ckpt, tmp_path):
     for n in names:
         assert (tmp_path / "one/images" / n).read_bytes() == (tmp_path / "three/images" / n).read_bytes(), n
     assert json.loads((tmp_path / "three/sample.json").read_text())["n"] == 7
+    recs = [json.loads((tmp_path / f / "sample.json").read_text()) for f in ("one", "two", "three")]
+    assert len({(r["nfe"], r["network_evaluations"]) for r in recs}) == 1 and recs[0]["nfe"] == 5  # every rank's cost
 
 
 EVAL_ARGS = ["-n", "21", "--batch-size", "4", "--sampler", "ddpm,euler", "--nfe", "3", "--device", "cpu"]

@@ -121,3 +121,18 @@ def test_adaptive_sampler_reports_its_grid_ends_not_steps(tiny_ckpt, tmp_path):
     rec = json.loads((out / "sample.json").read_text())
     assert rec["adaptive"] is True and rec["nfe"] > rec["steps"]
     assert "rk45 (adaptive" in r.stdout + r.stderr
+
+
+def test_rk45_solves_each_image_alone_and_counts_every_batch(tiny_ckpt):
+    """An adaptive solver's steps follow the error of what it integrates: each image's ODE is solved alone, so
+    the batch size changes nothing, and `nfe` is the most calls any image took (not the last batch's)."""
+    ck = load_checkpoint(tiny_ckpt)
+    cpu = torch.device("cpu")
+    kw = dict(sampler="rk45", steps=2, n=4, seed=3, options={"rtol": 1e-3, "atol": 1e-3})
+    a, ra = generate(ck.denoiser, 1, 8, SampleSettings(batch_size=4, **kw), device=cpu, show_progress=False)
+    b, rb = generate(ck.denoiser, 1, 8, SampleSettings(batch_size=3, **kw), device=cpu, show_progress=False)
+    assert torch.equal(a, b)
+    assert ra["nfe"] == rb["nfe"] and ra["nfe_mean"] == rb["nfe_mean"] and ra["nfe_mean"] <= ra["nfe"]
+    one = [generate(ck.denoiser, 1, 8, SampleSettings(batch_size=1, **kw), device=cpu, indices=range(i, i + 1),
+                    show_progress=False)[1]["nfe"] for i in range(4)]
+    assert ra["nfe"] == max(one) and ra["nfe_total"] == sum(one)
