@@ -17,7 +17,7 @@ import copy
 import csv
 import json
 import math
-import shutil
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -107,11 +107,33 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool, 
         return saved
     if existing:  # check_run_folder let it through: --force
         for f in existing:
-            p = out / f
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            remove_run_entry(out / f)
     out.mkdir(parents=True, exist_ok=True)
     _clean_run_temporaries(out)  # e.g. a first save killed before any run file existed
     return recipe
+
+
+# What diffcli writes inside a run's folders: --force removes these and leaves anything else a user put there
+RUN_FOLDER_NAMES = {"checkpoints": r"step_\d+(\.state)?\.safetensors", "samples": r"step_\d+\.png",
+                    "students": r"steps_\d+\.safetensors", "pairs": r"chunk_\d+\.safetensors",
+                    "pairs_flow": r"chunk_\d+\.safetensors"}
+
+
+def remove_run_entry(p: Path) -> None:
+    """--force on one entry of a run folder: a file goes; a folder loses diffcli's own files (RUN_FOLDER_NAMES,
+    and temporaries) and goes itself only when nothing else is left in it."""
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+        return
+    if not p.is_dir():
+        return
+    pattern = RUN_FOLDER_NAMES.get(p.name)
+    clean_temporaries(p)
+    for f in p.iterdir():
+        if pattern is not None and re.fullmatch(pattern, f.name) and (f.is_file() or f.is_symlink()):
+            f.unlink()
+    if not any(p.iterdir()):
+        p.rmdir()
 
 
 def _clean_run_temporaries(out: Path) -> None:

@@ -291,3 +291,21 @@ def test_second_signal_exits_at_once(sig, code):
                 pass
         assert e.value.exit_code == code
     assert signal.getsignal(sig) is not s._handle  # the previous handler is back
+
+
+def test_force_removes_the_run_and_keeps_what_a_user_put_in_its_folders(runs, tmp_path, tiny_recipe_path):
+    """`train --force` starts over: the run's checkpoints, samples and files go; a user's own file inside
+    checkpoints/ or samples/ (a copied best checkpoint, a picked grid) stays, with the folder around it."""
+    base3, _ = runs
+    run = _copy(base3, tmp_path / "run")
+    mine = [run / "checkpoints" / "best.safetensors", run / "samples" / "keep_me.png", run / "notes.txt"]
+    for p in mine:
+        p.write_bytes(b"mine")
+    assert list((run / "checkpoints").glob("step_*"))
+    prepare_run_folder(run, load_recipe(tiny_recipe_path), resume=False, force=True)
+    assert all(p.read_bytes() == b"mine" for p in mine)
+    assert not list((run / "checkpoints").glob("step_*")) and not list((run / "samples").glob("step_*"))
+    assert not (run / "last.safetensors").exists() and not (run / "recipe.toml").exists()
+    run2 = _copy(base3, tmp_path / "run2")  # nothing of the user's: the folders go entirely, as before
+    prepare_run_folder(run2, load_recipe(tiny_recipe_path), resume=False, force=True)
+    assert sorted(p.name for p in run2.iterdir()) == []

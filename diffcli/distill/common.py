@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from ..images import save_grid
 from ..recipes import DistillRecipe, Recipe, load_distill_recipe
 from ..runtime import mix_seed, progress, resolve_device
 from ..train import (Batches, _MetricsWriter, _retain, _Signals, _truncate_metrics, ema_beta, latest_state,
-                     load_state, lr_at, make_optimizer, prepare_run_folder, save_state)
+                     load_state, lr_at, make_optimizer, prepare_run_folder, remove_run_entry, save_state)
 
 EXTRA_RUN_FILES = ("students", "pairs", "pairs_flow", "distill.json", "teacher.json")
 # teacher.json: {"path", "sha256"} of the run's teacher, written when the run starts, so that a run stopped
@@ -233,9 +232,7 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
                             f"{method.budget_parts}; a resumed run keeps it (given {recipe.train.max_steps})")
     if force and not resume:
         for f in EXTRA_RUN_FILES:
-            p = out / f
-            if p.exists():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            remove_run_entry(out / f)
     teacher_hash = file_hash(teacher.path)
     ran_with = out / "teacher.json"
     if resume:  # the teacher the run recorded: in its newest student, else (stopped before one) teacher.json
