@@ -36,6 +36,19 @@ def _true_or_false(v: Any) -> Any:
 Bool = Annotated[bool, BeforeValidator(_true_or_false)]
 
 
+def _number(v: Any) -> Any:
+    if isinstance(v, bool) or isinstance(v, str):  # pydantic's lax mode reads true as 1 and "0.1" as 0.1
+        raise ValueError(f"must be a number, not {json.dumps(v)}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
+# TOML's numbers only: a boolean or a string in a number's place is a mistake, not a 1
+Int = Annotated[int, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -46,21 +59,21 @@ class DataConfig(_Strict):
     path: Optional[str] = Field(None, description="imagefolder: the folder of images (labels from sub-folders)")
     download: Bool = False
     split: Literal["train", "test", "all"] = "train"
-    resolution: Optional[int] = Field(None, ge=4, le=1024, description="None: the dataset's own size")
+    resolution: Optional[Int] = Field(None, ge=4, le=1024, description="None: the dataset's own size")
     hflip: Bool = False
     class_conditional: Bool = Field(True, description="train with labels when the dataset has them")
     on_bad_image: Literal["fail", "skip"] = "fail"
-    num_workers: int = Field(2, ge=0, le=64)
+    num_workers: Int = Field(2, ge=0, le=64)
 
 
 class ModelConfig(_Strict):
     arch: Literal["unet"] = "unet"
-    channels: int = Field(64, ge=8, le=1024)
-    channel_mult: list[int] = Field(default_factory=lambda: [1, 2], min_length=1, max_length=8)
-    num_res_blocks: int = Field(2, ge=1, le=8)
-    attention_resolutions: list[int] = Field(default_factory=list)
-    head_channels: int = Field(32, ge=4)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    channels: Int = Field(64, ge=8, le=1024)
+    channel_mult: list[Int] = Field(default_factory=lambda: [1, 2], min_length=1, max_length=8)
+    num_res_blocks: Int = Field(2, ge=1, le=8)
+    attention_resolutions: list[Int] = Field(default_factory=list)
+    head_channels: Int = Field(32, ge=4)
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0)
     noise_embedding: Literal["positional", "fourier"] = "positional"
     guidance_embedding: Bool = Field(False, description="a guidance-scale input w (guidance-distilled students)")
 
@@ -75,17 +88,17 @@ class ModelConfig(_Strict):
 class DiffusionConfig(_Strict):
     process: Literal["vp_linear", "vp_cosine", "ve", "edm", "flow"] = "edm"
     parameterization: Literal["eps", "x0", "v", "flow", "edm", "consistency"] = "edm"
-    sigma_min: Optional[float] = Field(None, gt=0)
-    sigma_max: Optional[float] = Field(None, gt=0)
-    sigma_data: float = Field(0.5, gt=0)
-    timesteps: int = Field(1000, ge=2, le=100000, description="VP: number of discrete steps T")
-    beta_start: float = Field(1e-4, gt=0, lt=1)
-    beta_end: float = Field(0.02, gt=0, lt=1)
+    sigma_min: Optional[Float] = Field(None, gt=0)
+    sigma_max: Optional[Float] = Field(None, gt=0)
+    sigma_data: Float = Field(0.5, gt=0)
+    timesteps: Int = Field(1000, ge=2, le=100000, description="VP: number of discrete steps T")
+    beta_start: Float = Field(1e-4, gt=0, lt=1)
+    beta_end: Float = Field(0.02, gt=0, lt=1)
     weighting: Literal["natural", "min_snr", "edm"] = "natural"
-    min_snr_gamma: float = Field(5.0, gt=0)
+    min_snr_gamma: Float = Field(5.0, gt=0)
     sigma_sampling: Literal["default", "discrete", "lognormal", "loguniform", "uniform_t", "logit_normal"] = "default"
-    p_mean: float = -1.2
-    p_std: float = Field(1.2, gt=0)
+    p_mean: Float = -1.2
+    p_std: Float = Field(1.2, gt=0)
 
     @model_validator(mode="after")
     def _ranges(self) -> "DiffusionConfig":
@@ -116,28 +129,28 @@ class DiffusionConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    seed: int = Field(0, ge=0)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0, le=1.0)
+    seed: Int = Field(0, ge=0)
+    batch_size: Int = Field(128, ge=1)
+    lr: Float = Field(1e-3, gt=0, le=1.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: Optional[float] = Field(1.0, gt=0)
-    ema_decay: Optional[float] = Field(None, ge=0, lt=1)
-    ema_halflife_kimg: Optional[float] = Field(None, gt=0, description="EMA half-life in thousands of images")
-    ema_rampup_ratio: Optional[float] = Field(None, gt=0, description="half-life ≤ ratio × images seen (EDM)")
-    max_steps: int = Field(1000, ge=1)
-    max_minutes: Optional[float] = Field(None, gt=0, description="wall-clock budget; stops cleanly when spent")
-    log_every: int = Field(50, ge=1)
-    checkpoint_every: int = Field(1000, ge=1)
-    sample_every: int = Field(1000, ge=1)
-    sample_grid: int = Field(64, ge=1, le=1024, description="images in each progress grid")
-    keep_last: int = Field(3, ge=1, description="periodic checkpoints kept (the newest is never deleted)")
+    warmup_steps: Int = Field(0, ge=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    adam_betas: tuple[Float, Float] = (0.9, 0.999)
+    grad_clip: Optional[Float] = Field(1.0, gt=0)
+    ema_decay: Optional[Float] = Field(None, ge=0, lt=1)
+    ema_halflife_kimg: Optional[Float] = Field(None, gt=0, description="EMA half-life in thousands of images")
+    ema_rampup_ratio: Optional[Float] = Field(None, gt=0, description="half-life ≤ ratio × images seen (EDM)")
+    max_steps: Int = Field(1000, ge=1)
+    max_minutes: Optional[Float] = Field(None, gt=0, description="wall-clock budget; stops cleanly when spent")
+    log_every: Int = Field(50, ge=1)
+    checkpoint_every: Int = Field(1000, ge=1)
+    sample_every: Int = Field(1000, ge=1)
+    sample_grid: Int = Field(64, ge=1, le=1024, description="images in each progress grid")
+    keep_last: Int = Field(3, ge=1, description="periodic checkpoints kept (the newest is never deleted)")
     bf16: Bool = False
-    p_uncond: float = Field(0.0, ge=0, le=1, description="class-label dropout for classifier-free guidance")
+    p_uncond: Float = Field(0.0, ge=0, le=1, description="class-label dropout for classifier-free guidance")
     device: str = "auto"
-    skip_nonfinite: int = Field(0, ge=0)
+    skip_nonfinite: Int = Field(0, ge=0)
     compile: Bool = False
     # channels_last weights and batches: "auto" turns it on where it was measured to pay (diffcli.runtime)
     channels_last: Union[StrictBool, Literal["auto"]] = "auto"
@@ -178,12 +191,12 @@ def _known_sampler(name: str) -> str:
 class SampleConfig(_Strict):
     sampler: str = "ddim"
     schedule: Optional[str] = None
-    steps: int = Field(50, ge=1)
-    eta: float = Field(0.0, ge=0, le=1)
-    cfg: float = Field(1.0, ge=0)
-    n: int = Field(64, ge=1)
-    batch_size: int = Field(256, ge=1)
-    seed: int = Field(0, ge=0)
+    steps: Int = Field(50, ge=1)
+    eta: Float = Field(0.0, ge=0, le=1)
+    cfg: Float = Field(1.0, ge=0)
+    n: Int = Field(64, ge=1)
+    batch_size: Int = Field(256, ge=1)
+    seed: Int = Field(0, ge=0)
 
     # not "tuned": a tuned solver belongs to one checkpoint (`diffcli sample CKPT --schedule tuned`)
     _schedule = field_validator("schedule")(lambda cls, v: _known_schedule(v))
@@ -223,7 +236,8 @@ class Recipe(_Strict):
         labelled = d.name in LABELLED or d.name == "imagefolder"
         if self.train.p_uncond > 0 and not (d.class_conditional and labelled):
             raise ValueError(f"train.p_uncond = {self.train.p_uncond} (CFG label dropout) needs a class-conditional "
-                             f"dataset; data.name = {d.name!r}, data.class_conditional = {d.class_conditional}")
+                             f"dataset; data.name = {_toml_value(d.name)}, data.class_conditional = "
+                             f"{_toml_value(d.class_conditional)}")
         if self.task == "classifier" and not labelled:
             raise ValueError(f"task = 'classifier' needs a labelled dataset, not data.name = {d.name!r}")
         res = d.resolution or {"digits": 8, "mnist": 28, "cifar10": 32, "celeba": 64}.get(d.name)
@@ -279,8 +293,16 @@ def format_validation_error(err: ValidationError, source: str, given: frozenset[
     return f"{source}: " + "; ".join(parts)
 
 
+def _toml_value(v: Any) -> str:
+    """A value as the recipe spells it: true, "ddim", [1, 2] (json's spelling is TOML's for these)."""
+    try:
+        return json.dumps(v, ensure_ascii=False) if isinstance(v, (bool, str, list, tuple)) else repr(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
 def _short(v: Any) -> str:
-    s = repr(v) if not isinstance(v, dict) else "{…}"
+    s = _toml_value(v) if not isinstance(v, dict) else "{…}"
     return s if len(s) <= 60 else s[:57] + "…"
 
 
@@ -317,13 +339,13 @@ DISTILL_METHODS = ("progressive", "consistency", "guidance", "reflow")
 
 class ProgressiveConfig(_Strict):
     """Salimans & Ho 2022: halving rounds from teacher_steps down to target_steps (train.max_steps in total)."""
-    teacher_steps: int = Field(64, ge=2, le=4096, description="DDIM steps of the first teacher")
-    target_steps: int = Field(1, ge=1, description="steps of the last student; teacher_steps / 2^k")
+    teacher_steps: Int = Field(64, ge=2, le=4096, description="DDIM steps of the first teacher")
+    target_steps: Int = Field(1, ge=1, description="steps of the last student; teacher_steps / 2^k")
     schedule: str = Field("karras", description="σ grid of the DDIM teacher (diffcli.samplers.SCHEDULES)")
     parameterization: Literal["teacher", "x0", "v"] = "teacher"
-    w_min: Optional[float] = Field(None, ge=0, description="guidance-distilled teacher (Meng et al. 2023, stage "
+    w_min: Optional[Float] = Field(None, ge=0, description="guidance-distilled teacher (Meng et al. 2023, stage "
                                    "two): lowest CFG scale w drawn; default the teacher's own range")
-    w_max: Optional[float] = Field(None, ge=0, description="guidance-distilled teacher: highest w drawn")
+    w_max: Optional[Float] = Field(None, ge=0, description="guidance-distilled teacher: highest w drawn")
 
     _schedule = field_validator("schedule")(lambda cls, v: _known_schedule(v))
 
@@ -342,28 +364,28 @@ class ProgressiveConfig(_Strict):
 class ConsistencyConfig(_Strict):
     """Song et al. 2023 (CD/CT) with Song & Dhariwal 2024's pseudo-Huber loss and CT curriculum."""
     mode: Literal["cd", "ct"] = "cd"
-    num_scales: int = Field(18, ge=2, le=10000, description="N of the Karras grid (CT: the final N)")
-    ct_initial_scales: int = Field(10, ge=2, description="CT: N at step 0, doubled along training")
-    sigma_min: float = Field(0.002, gt=0)
-    rho: float = Field(7.0, gt=0)
+    num_scales: Int = Field(18, ge=2, le=10000, description="N of the Karras grid (CT: the final N)")
+    ct_initial_scales: Int = Field(10, ge=2, description="CT: N at step 0, doubled along training")
+    sigma_min: Float = Field(0.002, gt=0)
+    rho: Float = Field(7.0, gt=0)
     loss: Literal["pseudo_huber", "l2", "lpips"] = "pseudo_huber"
-    huber_c: Optional[float] = Field(None, gt=0, description="default 0.00054·sqrt(dim) (Song & Dhariwal 2024)")
-    target_ema: Optional[float] = Field(None, ge=0, lt=1, description="μ of the target network; default CD 0.95, "
+    huber_c: Optional[Float] = Field(None, gt=0, description="default 0.00054·sqrt(dim) (Song & Dhariwal 2024)")
+    target_ema: Optional[Float] = Field(None, ge=0, lt=1, description="μ of the target network; default CD 0.95, "
                                         "CT 0 (stop-gradient, Song & Dhariwal 2024)")
-    sample_steps: int = Field(1, ge=1, le=64, description="steps the student samples with by default")
+    sample_steps: Int = Field(1, ge=1, le=64, description="steps the student samples with by default")
     level_sampling: Optional[Literal["uniform", "lognormal"]] = Field(
         None, description="how the grid interval n is drawn; default CD 'uniform' (Song et al. 2023), CT "
         "'lognormal' (discretised log-normal over σ, Song & Dhariwal 2024)")
-    p_mean: float = Field(-1.1, description="log-normal level sampling: mean of log σ")
-    p_std: float = Field(2.0, gt=0, description="log-normal level sampling: std of log σ")
+    p_mean: Float = Field(-1.1, description="log-normal level sampling: mean of log σ")
+    p_std: Float = Field(2.0, gt=0, description="log-normal level sampling: std of log σ")
 
 
 class GuidanceDistillConfig(_Strict):
     """Meng et al. 2023, stage one: a student that takes the guidance scale w as input."""
-    w_min: float = Field(1.0, ge=0)
-    w_max: float = Field(4.0, ge=0)
+    w_min: Float = Field(1.0, ge=0)
+    w_max: Float = Field(4.0, ge=0)
     sampler: str = "heun"
-    steps: int = Field(18, ge=1)
+    steps: Int = Field(18, ge=1)
 
     @model_validator(mode="after")
     def _range(self) -> "GuidanceDistillConfig":
@@ -374,18 +396,18 @@ class GuidanceDistillConfig(_Strict):
 
 class ReflowConfig(_Strict):
     """Liu et al. 2023: (noise, sample) pairs from the teacher's ODE sampler, then a rectified flow on them."""
-    num_pairs: int = Field(2048, ge=2)
+    num_pairs: Int = Field(2048, ge=2)
     pair_sampler: Literal["heun", "euler", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"] = "heun"
-    pair_steps: int = Field(18, ge=1)
-    cfg: float = Field(1.0, ge=0, description="CFG scale of the pair-generating teacher (class-conditional)")
-    chunk_size: int = Field(256, ge=1, description="pairs per stored chunk (resume granularity)")
-    student_steps: int = Field(1, ge=1, description="Euler steps the reflowed student samples with")
-    straightness_samples: int = Field(256, ge=2)
-    straightness_steps: int = Field(32, ge=2, le=1000, description="DDIM steps (uniform in flow time) of the "
+    pair_steps: Int = Field(18, ge=1)
+    cfg: Float = Field(1.0, ge=0, description="CFG scale of the pair-generating teacher (class-conditional)")
+    chunk_size: Int = Field(256, ge=1, description="pairs per stored chunk (resume granularity)")
+    student_steps: Int = Field(1, ge=1, description="Euler steps the reflowed student samples with")
+    straightness_samples: Int = Field(256, ge=2)
+    straightness_steps: Int = Field(32, ge=2, le=1000, description="DDIM steps (uniform in flow time) of the "
                                     "straightness measurement")
-    distill_steps: int = Field(0, ge=0, le=64, description="k > 0: follow the reflow with k-step distillation "
+    distill_steps: Int = Field(0, ge=0, le=64, description="k > 0: follow the reflow with k-step distillation "
                                "on pairs from the reflowed flow (Liu et al. 2023, Sec. 2.3); 0: none")
-    distill_fraction: float = Field(0.5, gt=0, lt=1, description="share of train.max_steps spent on the k-step "
+    distill_fraction: Float = Field(0.5, gt=0, lt=1, description="share of train.max_steps spent on the k-step "
                                     "distillation when distill_steps > 0")
 
 

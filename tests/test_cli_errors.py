@@ -167,7 +167,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("train: recipe is a folder", ["train", "{w}/recipe_dir.toml", "--out", "{w}/o"], ["recipe_dir.toml", "folder"]),
     ("train: not TOML", ["train", "{w}/broken.toml", "--out", "{w}/o"], ["broken.toml", "not valid TOML"]),
     ("train: unknown key", ["train", "{w}/unknown.toml", "--out", "{w}/o"], ["unknown key train.lrr"]),
-    ("train: wrong type", ["train", "{w}/wrong.toml", "--out", "{w}/o"], ["train.batch_size", "'big'"]),
+    ("train: wrong type", ["train", "{w}/wrong.toml", "--out", "{w}/o"], ["train.batch_size", '"big"']),
     ("train: lr 0", ["train", "{w}/tiny.toml", "--set", "train.lr=0", "--out", "{w}/o"], ["train.lr = 0"]),
     ("train: lr negative", ["train", "{w}/tiny.toml", "--set", "train.lr=-1e-3", "--out", "{w}/o"], ["train.lr"]),
     ("train: batch size 0", ["train", "{w}/tiny.toml", "--set", "train.batch_size=0", "--out", "{w}/o"],
