@@ -25,6 +25,7 @@ import io
 import json
 import math
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -116,6 +117,8 @@ def read_folder(folder: Path, option: str, limit: int | None = None) -> Tensor:
             raise UserError(f"--n {limit}: {option} {str(folder)!r} holds only {len(files)} images")
         files = files[:limit]
     if len(files) < 2:
+        for f in files:  # a lone file that is no image is named as such, not counted as one
+            read_image(f, None, None)
         raise UserError(f"{option} {str(folder)!r}: holds {len(files)} image; at least 2 are needed")
     out, first = [], None
     for f in files:
@@ -141,10 +144,22 @@ def load_generated_folder(folder: Path, n: int | None) -> ImageSet:
             raise UserError(f"{sample_json}: not readable JSON ({e.__class__.__name__})") from None
         images = read_folder(folder / "images", "GENERATED", n)
         labels = meta.get("labels") if isinstance(meta, dict) else None
-        lab = None
-        if isinstance(labels, list) and len(labels) >= len(images) and all(isinstance(v, int) for v in labels):
-            lab = torch.tensor(labels[:len(images)], dtype=torch.long)
+        lab, note = None, None
+        if isinstance(labels, list) and all(isinstance(v, int) for v in labels):
+            # image NNNNNN.png has label NNNNNN: by name, not by position, so that a removed or added file
+            # cannot shift every later label onto another image
+            from .data import list_images
+
+            names = [f.name for f in list_images(folder / "images")[:len(images)]]
+            idx = [int(m.group(1)) for m in (re.fullmatch(r"(\d{6})\.png", nm) for nm in names) if m]
+            if len(idx) == len(names) and all(i < len(labels) for i in idx):
+                lab = torch.tensor([labels[i] for i in idx], dtype=torch.long)
+            else:
+                note = (f"class accuracy skipped: {folder / 'images'} holds images that sample.json has no label "
+                        f"for (files renamed or added since sampling)")
         info = {"source": "sample-folder", "path": str(folder)}
+        if note:
+            info["warning"] = note
         keys = ("checkpoint", "checkpoint_sha256", "checkpoint_step", "sampler", "schedule", "steps", "nfe", "seed",
                 "cfg", "class")
         info.update({k: meta.get(k) for k in keys} if isinstance(meta, dict) else {})
@@ -610,6 +625,8 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         if not main:  # nothing to generate: rank 0 reads and scores the folder alone
             return p
         p.gen_set = load_generated_folder(g, opts.n)
+        if p.gen_set.info.get("warning"):
+            p.warnings.append(p.gen_set.info.pop("warning"))
         gen_shape, n_gen = p.gen_set.shape, len(p.gen_set.images)
         ckp = p.gen_set.info.get("checkpoint")
         if ckp and Path(ckp).is_file():
@@ -631,6 +648,8 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         except ImportError:
             raise UserError("--out: the sweep plot needs matplotlib; pip install 'diffcli[plot]'") from None
 
+    if opts.ref == "digits":  # its shape is known before any extractor (Inception's weights) is fetched
+        _check_shapes(gen_shape, 1, 8, opts.resize, g)
     # extractor: digits for 1×8×8 sets, Inception otherwise
     ext_name = opts.extractor or ("digits" if gen_shape == (1, 8, 8) else "inception")
     p.ext = ext = Extractor(ext_name, metrics, device=dev, batch_size=opts.batch_size,
@@ -639,14 +658,7 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         return p
     p.ref = ref = resolve_reference(opts.ref, opts.ref_split, opts.data_root, ext, default=default_ref,
                                     cache=opts.cache, log=log)
-    ref_shape = (ref.channels, ref.resolution, ref.resolution)
-    if gen_shape[0] != ref.channels:
-        raise UserError(f"the generated images have {gen_shape[0]} channel(s), the reference {ref.channels}")
-    if gen_shape[1:] != ref_shape[1:]:
-        if not opts.resize:
-            raise UserError(f"the generated images are {gen_shape[1]}×{gen_shape[2]}, the reference "
-                            f"{ref.resolution}×{ref.resolution}; pass --resize to resize the generated set to the "
-                            f"reference resolution")
+    if _check_shapes(gen_shape, ref.channels, ref.resolution, opts.resize, g):
         p.resize_to = ref.resolution
         p.resize = (f"generated {gen_shape[1]}×{gen_shape[2]} → {ref.resolution}×{ref.resolution} "
                     f"(centre crop, PIL bicubic up / Lanczos down)")
@@ -668,6 +680,21 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         "kid_subsets": KID_SUBSETS, "pr_neighborhood": PR_NEIGHBORHOOD, "metric_seed": 2020,
     }
     return p
+
+
+def _check_shapes(gen_shape: tuple[int, ...], channels: int, resolution: int, resize: bool, source) -> bool:
+    """UserError naming GENERATED when its images cannot be compared with a (channels, resolution²) reference;
+    True when they need resizing (--resize given)."""
+    if gen_shape[0] != channels:
+        raise UserError(f"GENERATED {str(source)!r}: the images have {gen_shape[0]} channel(s), the reference "
+                        f"{channels}")
+    if tuple(gen_shape[1:]) == (resolution, resolution):
+        return False
+    if not resize:
+        raise UserError(f"GENERATED {str(source)!r}: the images are {gen_shape[1]}×{gen_shape[2]}, the reference "
+                        f"{resolution}×{resolution}; pass --resize to resize the generated set to the reference "
+                        f"resolution")
+    return True
 
 
 def check(opts: EvalOptions, log=None) -> None:

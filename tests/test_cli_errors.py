@@ -152,6 +152,9 @@ def ws(tmp_path_factory, tiny_recipe_path, tiny_ckpt) -> Path:
     (w / "outside").mkdir()
     (w / "linked_out").mkdir()
     (w / "linked_out" / "images").symlink_to(w / "outside", target_is_directory=True)
+    (w / "rgb_imgs").mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), color=(40 * i, 0, 0)).save(w / "rgb_imgs" / f"{i}.png")
     (w / "foreign_out" / "images").mkdir(parents=True)  # a user's own numbered PNGs, no diffcli record beside
     Image.new("L", (8, 8)).save(w / "foreign_out" / "images" / "000000.png")
     (w / "cache").mkdir()
@@ -282,6 +285,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("sample: bad --device", ["sample", "{w}/ckpt.safetensors", "--device", "cuda:7", "--out", "{w}/s"],
      ["--device"]),
     # eval-fid — the failures that come before any feature extractor runs
+    ("eval-fid: RGB images against digits", ["eval-fid", "{w}/rgb_imgs", "--ref", "digits"],
+     ["rgb_imgs", "3 channel(s)", "reference 1"]),  # said before Inception's weights are fetched
     ("eval-fid: missing generated", ["eval-fid", "{w}/nope", "--ref", "digits"], ["nope", "does not exist"]),
     ("eval-fid: not a checkpoint nor folder", ["eval-fid", "{w}/notes.txt", "--ref", "digits"], ["notes.txt"]),
     ("eval-fid: pickle", ["eval-fid", "{w}/model.pt", "--ref", "digits"], ["model.pt"]),

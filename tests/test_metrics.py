@@ -468,3 +468,31 @@ def test_tuned_solver_evaluates_like_its_sample_folder(digits_cache, tiny_ckpt, 
                "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: --schedule tuned") and len(err.strip().splitlines()) == 1, err
+
+
+def test_sample_folder_labels_follow_the_file_names(tmp_path):
+    """Image NNNNNN.png carries label NNNNNN of sample.json: a removed file shifts nothing; a file sample.json has
+    no label for drops the labels (class accuracy) with a warning instead of pairing them wrongly."""
+    from diffcli.images import save_png
+    from diffcli.metrics import load_generated_folder
+
+    (tmp_path / "images").mkdir()
+    for i in range(5):
+        save_png(tmp_path / "images" / f"{i:06d}.png", torch.full((1, 8, 8), i / 5))
+    (tmp_path / "sample.json").write_text(json.dumps({"labels": [7, 1, 2, 3, 4]}))
+    assert load_generated_folder(tmp_path, None).labels.tolist() == [7, 1, 2, 3, 4]
+    (tmp_path / "images" / "000001.png").unlink()
+    got = load_generated_folder(tmp_path, None)
+    assert got.labels.tolist() == [7, 2, 3, 4] and "warning" not in got.info
+    save_png(tmp_path / "images" / "000009.png", torch.zeros(1, 8, 8))
+    got = load_generated_folder(tmp_path, None)
+    assert got.labels is None and "no label" in got.info["warning"]
+
+
+def test_a_lone_unreadable_file_is_named_not_counted(tmp_path):
+    from diffcli.errors import UserError
+    from diffcli.metrics import read_folder
+
+    (tmp_path / "a.png").write_text("hi")
+    with pytest.raises(UserError, match="a.png"):
+        read_folder(tmp_path, "GENERATED")
