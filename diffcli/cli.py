@@ -522,6 +522,12 @@ def eval_fid(
         con.print(f"wrote {f}")
 
 
+def _say_interrupted() -> None:
+    """Ctrl-C reaches every torchrun rank: rank 0 says so, once."""
+    if os.environ.get("RANK", "0") == "0":
+        print("error: interrupted", file=sys.stderr)
+
+
 def _refuse_escaping_subfolders(out: Path, subfolders: tuple[str, ...]) -> None:
     """Output files have generated names inside --out; a sub-folder that is a symbolic link (say, in a folder
     someone else prepared, written into with --force) would send them elsewhere, so it is refused."""
@@ -530,6 +536,9 @@ def _refuse_escaping_subfolders(out: Path, subfolders: tuple[str, ...]) -> None:
         if p.is_symlink() or (p.exists() and out.resolve() not in p.resolve().parents):
             raise UserError(f"--out {str(out)!r}: {sub} is a symbolic link (to {str(p.resolve())!r}); diffcli writes "
                             f"only inside --out — remove it or choose another folder")
+        if p.exists() and not p.is_dir():
+            raise UserError(f"--out {str(out)!r}: {sub} is a file, not a folder; diffcli writes its images into "
+                            f"{str(p)!r}/ — move it or choose another folder")
 
 
 _RELAUNCHED = {"torchrun": False}
@@ -604,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         if rc == 130 and not _RELAUNCHED["torchrun"]:
             # typer turns Ctrl-C outside the engines' own signal handling into a silent return of 130 (a
             # torchrun relaunch passes on its workers' code, and they have said so themselves)
-            print("error: interrupted", file=sys.stderr)
+            _say_interrupted()
         return rc if isinstance(rc, int) else 0
     except DiffcliError as e:
         if getattr(e, "quiet", False):  # already reported by rank 0 of this torchrun job
@@ -627,10 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Exit, getattr(cx, "Exit", typer.Exit)) as e:
         return e.exit_code
     except (typer.Abort, getattr(cx, "Abort", typer.Abort)):
-        print("error: interrupted", file=sys.stderr)
+        _say_interrupted()
         return 130
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _say_interrupted()
         return 130
     except BrokenPipeError:
         return 1

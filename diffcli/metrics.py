@@ -682,6 +682,16 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
     return p
 
 
+def _spaced_ticks(values: list[int], min_ratio: float = 1.25) -> list[int]:
+    """Tick values on a log axis at least `min_ratio` apart, the larger kept: heun's NFE 9 beside 10 would print
+    as one label "910"."""
+    kept: list[int] = []
+    for v in sorted(values, reverse=True):
+        if not kept or kept[-1] >= min_ratio * max(v, 1):
+            kept.append(v)
+    return sorted(kept)
+
+
 def _check_shapes(gen_shape: tuple[int, ...], channels: int, resolution: int, resize: bool, source) -> bool:
     """UserError naming GENERATED when its images cannot be compared with a (channels, resolution²) reference;
     True when they need resizing (--resize given)."""
@@ -927,7 +937,7 @@ def plot_sweep(path: Path, records: list[dict]) -> Path | None:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(s))
         ax.set_xscale("log")
-        nfes = sorted({r["nfe"] for r in records if r.get("nfe") is not None})
+        nfes = _spaced_ticks(sorted({r["nfe"] for r in records if r.get("nfe") is not None}))
         ax.set_xticks(nfes, [str(v) for v in nfes])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("NFE (denoiser calls)")

@@ -152,6 +152,8 @@ def ws(tmp_path_factory, tiny_recipe_path, tiny_ckpt) -> Path:
     (w / "outside").mkdir()
     (w / "linked_out").mkdir()
     (w / "linked_out" / "images").symlink_to(w / "outside", target_is_directory=True)
+    (w / "file_out").mkdir()
+    (w / "file_out" / "images").write_text("x")  # where sample writes its images: a file
     (w / "rgb_imgs").mkdir()
     for i in range(2):
         Image.new("RGB", (8, 8), color=(40 * i, 0, 0)).save(w / "rgb_imgs" / f"{i}.png")
@@ -277,6 +279,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("sample: --out not empty", ["sample", "{w}/ckpt.safetensors", "--out", "{w}/full_out"], ["not empty", "--force"]),
     ("sample: symlinked images folder", ["sample", "{w}/ckpt.safetensors", "--n", "2", "--steps", "2", "--force",
                                          "--out", "{w}/linked_out"], ["images", "symbolic link"]),
+    ("sample: images is a file", ["sample", "{w}/ckpt.safetensors", "--n", "2", "--steps", "2", "--force", "--out",
+                                  "{w}/file_out"], ["file_out", "images is a file"]),
     ("sample: --steps for an adaptive solver", ["sample", "{w}/ckpt.safetensors", "--sampler", "rk45", "--steps", "50",
                                                "--out", "{w}/s"], ["--steps 50", "adaptive", "--rtol"]),
     ("sample: --force over images diffcli did not write", ["sample", "{w}/ckpt.safetensors", "--n", "2", "--steps",
