@@ -188,6 +188,11 @@ class EncodeResult:
 def encode(denoiser, x0: Tensor, spec: ODESpec, *, cond: Tensor | None = None, cfg: float = 1.0) -> EncodeResult:
     """Images x0 (B, C, H, W) in [-1, 1] → latents x(σ_max) (B, C, H, W) float64 (module docstring)."""
     check_spec(spec)
+    if is_adaptive(spec.solver) and len(x0) > 1:  # its steps follow what it integrates: one image at a time
+        parts = [encode(denoiser, x0[i:i + 1], spec, cond=None if cond is None else cond[i:i + 1], cfg=cfg)
+                 for i in range(len(x0))]
+        return EncodeResult(torch.cat([p.latents for p in parts]), torch.cat([p.x_sigma_min for p in parts]),
+                            max(p.nfe for p in parts), max(p.final_step_residual for p in parts))
     fn = NFECounter(_bind(denoiser, cond, cfg))
     x, calls, res = invert_final_step(fn, x0, spec.sigma_min)
     up = spec.inversion_grid(_process_of(denoiser)).to(x0.device)
@@ -199,6 +204,10 @@ def decode(denoiser, latents: Tensor, spec: ODESpec, *, cond: Tensor | None = No
            cfg: float = 1.0) -> tuple[Tensor, int]:
     """Latents x(σ_max) (B, C, H, W) → images (B, C, H, W) float64 (unclamped), and the NFE per image."""
     check_spec(spec)
+    if is_adaptive(spec.solver) and len(latents) > 1:  # as in `encode`: one image at a time
+        parts = [decode(denoiser, latents[i:i + 1], spec, cond=None if cond is None else cond[i:i + 1], cfg=cfg)
+                 for i in range(len(latents))]
+        return torch.cat([p[0] for p in parts]), max(p[1] for p in parts)
     fn = NFECounter(_bind(denoiser, cond, cfg))
     grid = spec.grid(_process_of(denoiser)).to(latents.device)
     x0 = SAMPLERS[spec.solver](fn, latents.to(torch.float64), grid, **spec.options)

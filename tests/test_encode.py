@@ -71,6 +71,16 @@ def test_rk45_tolerance_controls_the_round_trip(gm):
     assert out[1] < 1e-4 and out[1] < out[0] / 10
 
 
+def test_rk45_latents_do_not_depend_on_the_batch(gm):
+    """An adaptive solve steps by the error of what it integrates, so each image is solved alone."""
+    x0 = _samples(gm, 3)
+    spec = ODESpec(solver="rk45", steps=2, options={"rtol": 1e-4, "atol": 1e-4})
+    together = encode(gm, x0, spec).latents
+    alone = torch.cat([encode(gm, x0[i:i + 1], spec).latents for i in range(3)])
+    assert torch.equal(together, alone)
+    assert torch.equal(decode(gm, together, spec)[0], torch.cat([decode(gm, alone[i:i + 1], spec)[0] for i in range(3)]))
+
+
 def test_latents_of_mixture_samples_are_standard_normal(gm):
     from scipy import stats
 
@@ -341,11 +351,19 @@ def test_sample_and_encode_folders_give_their_images_not_their_grids(tiny_ckpt, 
     assert collect_inputs([plain]) == [plain / "grid.png"]  # any other folder: every image in it
 
 
-def test_force_replaces_diffcli_output_and_never_other_images(tiny_ckpt, encoded, tmp_path):
+def test_force_replaces_diffcli_output_and_never_other_images(tiny_ckpt, encoded, tmp_path, capsys):
     """`--force` empties what an earlier sample/decode wrote (the folder never mixes two runs), keeps a sample
     folder's images when encode writes beside them (encode writes none), and refuses numbered PNGs that no
     diffcli record describes — a user's own files are not diffcli's to delete."""
+    from types import SimpleNamespace
+
     from PIL import Image
+
+    from diffcli.cli import main
+
+    def run_cli(*args):  # in-process: the same command line, no interpreter start-up per call
+        rc = main([str(a) for a in args])
+        return SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err)
 
     smp = tmp_path / "smp"
     assert run_cli("sample", tiny_ckpt, "--steps", "2", "--n", "5", "--out", smp).returncode == 0
