@@ -754,7 +754,10 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult | None:
         t_gen, grec = None, None
         if s is not None:
             lo, hi = batch_shard(s.n, s.batch_size, world)
-            log(f"generating {s.n} images: {s.sampler}, {s.steps} steps"
+            from .samplers import SAMPLER_INFO
+
+            how = "adaptive steps" if SAMPLER_INFO[s.sampler].adaptive else f"{s.steps} steps"
+            log(f"generating {s.n} images: {s.sampler}, {how}"
                 + (f" ({world.size} processes)" if world.distributed else ""))
             t0 = time.perf_counter()
             imgs, grec = generate_images(p.ck, s, dev, range(lo, hi), show_progress=world.is_main)
