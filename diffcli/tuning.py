@@ -171,11 +171,29 @@ def _tunable(sampler: str, nfe: int, draws: int):
     return info, steps
 
 
-def _incumbent_fits(incumbent, start_level: float) -> bool:
-    """A stored grid or solver is comparable on this run's draws only if it starts at the same σ_0 (the draws
-    are σ_0·ε)."""
+def _run_candidate(cand: LinearSolver | Tensor, denoiser, x: Tensor, info, options: dict | None, device) -> Tensor:
+    """A learned solver, or a grid run with the sampler's own rule, from x (B, …) to the end point."""
+    if isinstance(cand, LinearSolver):
+        return run_linear_solver(denoiser, x, LinearSolver(cand.sigmas.to(device), cand.a.to(device),
+                                                           cand.B.to(device)))
+    return info.fn(denoiser, x, cand.to(device), **(options or {}))
+
+
+def _prefer_stored(incumbent: LinearSolver | Tensor | None, start_level: float, score, rec: dict) -> bool:
+    """Whether the grid or solver an earlier fit stored (`incumbent`) stays: it competes on this fit's held-out
+    draws (`score(candidate)` → RMS) and wins ties. Comparable only if it starts at the same σ_0 (the draws are
+    σ_0·ε); `rec` records which way it went (rms_stored / incumbent_skipped, rms_after and kept="stored")."""
+    if incumbent is None:
+        return False
     sig = incumbent.sigmas if isinstance(incumbent, LinearSolver) else incumbent
-    return sig is not None and abs(float(sig[0]) - start_level) <= 1e-9 * start_level
+    if abs(float(sig[0]) - start_level) > 1e-9 * start_level:
+        rec["incumbent_skipped"] = True
+        return False
+    e = rec["rms_stored"] = score(incumbent)
+    if math.isfinite(e) and e <= rec["rms_after"]:
+        rec.update(rms_after=e, kept="stored")
+        return True
+    return False
 
 
 def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: float, shape: tuple[int, ...], *,
@@ -233,24 +251,13 @@ def tune_solver(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: f
 
     def rms(solver: LinearSolver | Tensor, xx: Tensor, rr: Tensor) -> float:
         with ctx(), torch.no_grad():
-            if isinstance(solver, LinearSolver):
-                out = run_linear_solver(den(ho), xx, solver)
-            else:  # a stored grid alone: the sampler's own rule on it
-                out = info.fn(den(ho), xx, solver.to(device), **(options or {}))
+            out = _run_candidate(solver, den(ho), xx, info, options, device)
             return float((out.to(torch.float64) - rr).pow(2).mean().sqrt())
 
     def keep_better(result: LinearSolver, rec: dict) -> tuple[LinearSolver | Tensor, dict]:
         rec["kept"] = "tuned" if rec["rms_after"] < rec["rms_before"] else "start"
-        rec["incumbent_skipped"] = incumbent is not None and not _incumbent_fits(incumbent, hi)
-        if incumbent is not None and _incumbent_fits(incumbent, hi):
-            e = rms(incumbent if not isinstance(incumbent, LinearSolver) else
-                    LinearSolver(incumbent.sigmas.to(device), incumbent.a.to(device), incumbent.B.to(device)),
-                    x_ho, ref_ho)
-            rec["rms_stored"] = e
-            if math.isfinite(e) and e <= rec["rms_after"]:
-                rec.update(rms_after=e, kept="stored")
-                return incumbent, rec
-        return result, rec
+        stays = _prefer_stored(incumbent, hi, lambda c: rms(c, x_ho, ref_ho), rec)
+        return (incumbent if stays else result), rec
 
     groups = [{"params": [theta], "lr": lr}, {"params": [log_a, dB], "lr": lr_coef}]
     groups = [gr for gr in groups if all(p.requires_grad for p in gr["params"])]
@@ -366,11 +373,7 @@ def tune_grid(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: flo
         with ctx():
             for b in range(lo_i, hi_i, bs):
                 e = min(b + bs, hi_i)
-                if isinstance(sig, LinearSolver):  # a stored learned solver (incumbent)
-                    out = run_linear_solver(den(slice(b, e)), x[b:e], LinearSolver(
-                        sig.sigmas.to(device), sig.a.to(device), sig.B.to(device)))
-                else:
-                    out = info.fn(den(slice(b, e)), x[b:e], sig.to(device), **opts)
+                out = _run_candidate(sig, den(slice(b, e)), x[b:e], info, opts, device)
                 sq += float((out.to(torch.float64) - ref[b:e]).pow(2).sum())
         return math.sqrt(sq / ((hi_i - lo_i) * x[0].numel()))
 
@@ -408,13 +411,8 @@ def tune_grid(denoiser, sampler: str, nfe: int, sigma_min: float, sigma_max: flo
         out = best["s"]
     else:
         out = start
-    rec["incumbent_skipped"] = incumbent is not None and not _incumbent_fits(incumbent, hi)
-    if incumbent is not None and _incumbent_fits(incumbent, hi):
-        e = rms(incumbent, 0, n_hold)
-        rec["rms_stored"] = e
-        if math.isfinite(e) and e <= rec["rms_after"]:
-            rec.update(rms_after=e, kept="stored")
-            out = incumbent
+    if _prefer_stored(incumbent, hi, lambda c: rms(c, 0, n_hold), rec):
+        out = incumbent
     if log is not None:
         log(f"tuned {sampler} NFE {nfe} grid: held-out RMS {before_ho:.4g} → {rec['rms_after']:.4g} "
             f"({count[0]} evaluations, kept the {rec['kept']} grid)" + _kept_note(rec))
