@@ -327,6 +327,13 @@ def log_likelihood(denoiser, x0: Tensor, spec: ODESpec, *, cond: Tensor | None =
     """Model log-density of x0 (B, C, H, W) through the probability-flow ODE (module docstring)."""
     check_spec(spec)
     b, shape = x0.shape[0], tuple(x0.shape[1:])
+    if is_adaptive(spec.solver) and b > 1:  # as in `encode`: the step sizes follow one image, not the batch
+        parts = [log_likelihood(denoiser, x0[i:i + 1], spec, cond=None if cond is None else cond[i:i + 1],
+                                probes=probes, exact=exact, generators=None if generators is None else [generators[i]])
+                 for i in range(b)]
+        return Likelihood(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                            ("log_prob", "log_prob_sigma_min", "per_probe", "se", "latents")),
+                          max(p.nfe for p in parts), exact)
     d = math.prod(shape)
     fn = NFECounter(_bind(denoiser, cond, 1.0))
     x, calls, _ = invert_final_step(fn, x0, spec.sigma_min)
@@ -662,7 +669,8 @@ def run_encode(ck, inputs: Sequence[Path], out: Path, s: EncodeSettings, *, devi
         y, nfe = decode(den, e.latents, spec, cond=cond, cfg=s.cfg)
         zs.append(e.latents.cpu())
         recs.append(y.cpu())
-        res, nfe_enc, nfe_dec = max(res, e.final_step_residual), e.nfe, nfe
+        # the most calls any batch took (an adaptive solver's count varies by image)
+        res, nfe_enc, nfe_dec = max(res, e.final_step_residual), max(nfe_enc, e.nfe), max(nfe_dec, nfe)
     z, y = torch.cat(zs), torch.cat(recs)
     errs = reconstruction_errors(x_all, y)
     record = _record_base(ck, spec, s, device, mode)
@@ -714,7 +722,7 @@ def _nll(den, x_all: Tensor, spec: ODESpec, s: EncodeSettings, device, images: l
                            exact=s.exact_divergence, generators=gens)
         bpd.append(bits_per_dim(L.log_prob, d).cpu())
         probe_se.append((L.se / (d * math.log(2))).cpu())
-        nfe = L.nfe
+        nfe = max(nfe, L.nfe)
     bpd_t, se_t = torch.cat(bpd), torch.cat(probe_se)
     for im, v, e in zip(images, bpd_t.tolist(), se_t.tolist()):
         im["bits_per_dim"], im["bits_per_dim_probe_se"] = v, _finite(e)
@@ -739,8 +747,9 @@ def _interpolate(den, z: Tensor, spec: ODESpec, s: EncodeSettings, device, out: 
     imgs, nfe = [], 0
     for b0 in range(0, s.frames, s.batch_size):
         zb = frames[b0:b0 + s.batch_size].to(device)
-        y, nfe = decode(den, zb, spec, cond=_labels(s, len(zb), device), cfg=s.cfg)
+        y, n = decode(den, zb, spec, cond=_labels(s, len(zb), device), cfg=s.cfg)
         imgs.append(y.cpu())
+        nfe = max(nfe, n)
     strip = torch.cat(imgs).float().clamp(-1, 1)
     save_grid(out / "interpolation.png", strip, nrow=s.frames)
     return {"frames": s.frames, "t": t.tolist(), "method": "slerp", "nfe_per_frame": nfe,
@@ -816,8 +825,9 @@ def run_decode(ck, latents: Path, out: Path, s: EncodeSettings, *, device: torch
         zb = z[b0:b0 + s.batch_size].to(device)
         lb = None if labels is None else labels[b0:b0 + s.batch_size]
         cond = None if lb is None or bool((lb < 0).any()) or den.num_classes == 0 else lb.to(device)
-        y, nfe = decode(den, zb, spec, cond=cond, cfg=cfg if cond is not None else 1.0)
+        y, n = decode(den, zb, spec, cond=cond, cfg=cfg if cond is not None else 1.0)
         ys.append(y.cpu())
+        nfe = max(nfe, n)
     y = torch.cat(ys) if ys else torch.empty(0, ck.channels, ck.resolution, ck.resolution)
     out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out, DECODE_CLEARS)  # an earlier run's files (--force): never mix two runs

@@ -138,6 +138,18 @@ def test_nll_exact_divergence_matches_the_mixture_density():
     assert (L.se == 0).all() and L.exact
 
 
+def test_rk45_likelihood_does_not_depend_on_the_batch(gm):
+    """As for the latents: each image's augmented ODE is solved alone, so bits/dim do not move with --batch-size."""
+    x0 = _samples(gm, 3)
+    spec = ODESpec(solver="rk45", steps=2, options={"rtol": 1e-4, "atol": 1e-4})
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731 — fresh per call
+    together = log_likelihood(gm, x0, spec, probes=2, generators=gens())
+    alone = [log_likelihood(gm, x0[i:i + 1], spec, probes=2, generators=gens()[i:i + 1]) for i in range(3)]
+    assert torch.equal(together.log_prob, torch.cat([a.log_prob for a in alone]))
+    assert torch.equal(together.per_probe, torch.cat([a.per_probe for a in alone]))
+    assert together.nfe == max(a.nfe for a in alone)
+
+
 def test_nll_converges_with_nfe(gm):
     x0 = _samples(gm, 8)
     exact = gm.log_prob(x0, 0.0)
