@@ -509,8 +509,10 @@ def _is_checkpoint(p: Path) -> bool:
     return p.is_file() and p.suffix == ".safetensors"
 
 
-def _plan(opts: EvalOptions, ck) -> list[tuple[str, int]]:
-    """(sampler, steps) for every combination of --sampler × --nfe (or --steps)."""
+def _plan(opts: EvalOptions, ck, notes: list[str] | None = None) -> list[tuple[str, int]]:
+    """(sampler, steps) for every combination of --sampler × --nfe (or --steps). An adaptive sampler in a
+    sweep of several runs once at its default tolerance — the reference row beside the fixed-step ones — with a note;
+    alone, a step count or NFE for it is refused (it would be ignored)."""
     from .samplers import SAMPLER_INFO
 
     names = [s.strip() for s in (opts.sampler or ck.recipe.sample.sampler).split(",") if s.strip()]
@@ -525,8 +527,15 @@ def _plan(opts: EvalOptions, ck) -> list[tuple[str, int]]:
     plan = []
     for s in names:
         info = SAMPLER_INFO[s]
-        if opts.steps is not None and info.adaptive:
-            raise UserError(f"--steps {opts.steps}: {s} is adaptive (it takes its own steps); drop --steps for it")
+        if info.adaptive and (opts.steps is not None or nfes is not None):
+            flag = f"--steps {opts.steps}" if opts.steps is not None else f"--nfe {opts.nfe}"
+            if len(names) == 1:
+                raise UserError(f"{flag}: {s} is adaptive (it takes its own steps, their number follows from "
+                                f"its tolerance); drop {flag.split()[0]}")
+            if notes is not None:
+                notes.append(f"{s} is adaptive: it runs once, at its default tolerance, not at each {flag}")
+            plan.append((s, ck.recipe.sample.steps))  # the grid gives only its ends σ_max → σ_min
+            continue
         for nfe in (nfes or [None]):
             if nfe is None:
                 plan.append((s, opts.steps if opts.steps is not None else ck.recipe.sample.steps))
@@ -605,7 +614,7 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         p.ck_hash = file_hash(g)  # before loading: the hash names the weights that are evaluated
         p.ck = ck = load_checkpoint(g, dev)
         p.settings = []
-        for sampler, steps in _plan(opts, ck):  # every job is checked before the first image is generated
+        for sampler, steps in _plan(opts, ck, p.warnings):  # every job is checked before the first image is generated
             s = SampleSettings(sampler=sampler, steps=steps, schedule=opts.schedule, cfg=opts.cfg, n=n_req,
                                batch_size=opts.batch_size, seed=opts.seed)
             validate_settings(s, ck.denoiser.num_classes)

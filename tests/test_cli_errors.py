@@ -313,6 +313,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("eval-fid: unknown sampler", ["eval-fid", "{w}/ckpt.safetensors", "--sampler", "magic"], ["magic"]),
     ("eval-fid: steps and nfe", ["eval-fid", "{w}/ckpt.safetensors", "--steps", "4", "--nfe", "8"],
      ["--steps or --nfe"]),
+    ("eval-fid: nfe for an adaptive solver alone", ["eval-fid", "{w}/ckpt.safetensors", "--sampler", "rk45", "--nfe",
+                                                    "8"], ["--nfe 8", "rk45 is adaptive", "tolerance"]),
     ("eval-fid: nfe not a number", ["eval-fid", "{w}/ckpt.safetensors", "--nfe", "5,x"], ["--nfe", "'x'"]),
     ("eval-fid: truncated checkpoint", ["eval-fid", "{w}/truncated.safetensors"], ["truncated.safetensors"]),
     # encode — checkpoint, inputs, options, output folder

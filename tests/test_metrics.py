@@ -310,6 +310,19 @@ def test_cli_sweep_writes_csv_and_png(digits_cache, tiny_ckpt, tmp_path):
     assert len(json.loads((out / "eval_fid.json").read_text())["sweep"]) == 4
 
 
+def test_sweep_runs_an_adaptive_solver_once_as_its_reference_row(digits_cache, tiny_ckpt, tmp_path):
+    """`--sampler ddim,rk45 --nfe 2,4`: ddim at each NFE, rk45 once at its tolerance (its NFE is its own), noted."""
+    out = tmp_path / "sweep"
+    r = run_cli("eval-fid", tiny_ckpt, "--n", "8", "--nfe", "2,4", "--sampler", "ddim,rk45", "--metrics", "fid",
+                "--out", out, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader((out / "eval_fid.csv").open()))
+    assert [x["sampler"] for x in rows] == ["ddim", "ddim", "rk45"]
+    assert int(rows[2]["nfe"]) > 0 and "rk45 is adaptive: it runs once" in r.stdout + r.stderr
+    doc = json.loads((out / "eval_fid.json").read_text())
+    assert any("runs once" in w for w in doc["sweep"][2]["warnings"])
+
+
 def test_resize_makes_other_resolutions_comparable(digits_cache, tmp_path):
     from diffcli.metrics import EvalOptions, evaluate
 
