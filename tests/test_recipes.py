@@ -96,6 +96,14 @@ def test_shipped_recipes_validate(name):
     load_recipe(f"recipes/{name}.toml")
 
 
+def test_shipped_classifier_recipe_shares_the_digits_process():
+    """`--classifier` refuses a classifier of another process, so the shipped pair must agree."""
+    clf, den = load_recipe("recipes/digits-classifier.toml"), load_recipe("recipes/digits.toml")
+    assert clf.task == "classifier" and den.task == "denoiser"
+    assert clf.diffusion == den.diffusion.model_copy(update={"weighting": clf.diffusion.weighting})
+    assert clf.data.name == den.data.name
+
+
 @pytest.mark.parametrize("name", ["digits-progressive", "digits-progressive-full", "digits-consistency",
                                   "digits-guidance", "digits-reflow"])
 def test_shipped_distill_recipes_validate(name):
