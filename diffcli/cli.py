@@ -251,6 +251,9 @@ def sample(
                        class_id=class_id, n=n, batch_size=batch_size, seed=seed, options=options,
                        cfg_interval=interval, classifier=str(classifier) if classifier else None,
                        classifier_scale=classifier_scale)
+    if class_id is not None and not ck.denoiser.num_classes and classifier is None:
+        raise UserError(f"--class {class_id}: the model is unconditional (no classes); classifier guidance "
+                        f"(--classifier CKPT --classifier-scale S) can pick a class for it")
     validate_settings(s, ck.denoiser.num_classes, ck.denoiser.guidance_input)
     if ck.denoiser.guidance_input and world.is_main:
         from .generate import guidance_range_warning
@@ -267,6 +270,10 @@ def sample(
 
         clf, clf_meta = load_classifier(classifier, dev)
         check_classifier_matches(clf_meta, classifier, ck.meta, ck.denoiser.num_classes)
+        if not ck.denoiser.num_classes:  # an unconditional model: --class picks one of the classifier's classes
+            from .generate import check_class_id
+
+            check_class_id(class_id, clf.num_classes, "the classifier")
     elif classifier_scale != 0:
         raise UserError(f"--classifier-scale {classifier_scale}: needs --classifier CKPT")
     from .runtime import check_out_folder

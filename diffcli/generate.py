@@ -82,7 +82,8 @@ def validate_settings(s: SampleSettings, num_classes: int, guidance_input: bool 
     if s.cfg != 1.0 and num_classes == 0:
         raise UserError(f"--cfg {s.cfg}: the model is unconditional (no classes); classifier-free guidance "
                         f"needs a class-conditional model")
-    check_class_id(s.class_id, num_classes)
+    if num_classes or s.classifier is None:  # else the classifier's classes decide (checked once it is loaded)
+        check_class_id(s.class_id, num_classes)
     if s.seed < 0:
         raise UserError(f"--seed {s.seed}: must be ≥ 0")
 
@@ -121,14 +122,15 @@ def check_scale(flag: str, value: float) -> None:
         raise UserError(f"{flag} {value}: must be a finite number ≥ 0")
 
 
-def check_class_id(class_id: int | None, num_classes: int) -> None:
-    """`--class K` must name one of the model's classes (and the model must have classes)."""
+def check_class_id(class_id: int | None, num_classes: int, owner: str = "the model") -> None:
+    """`--class K` must name one of the model's classes (and the model must have classes); for an unconditional
+    model guided by a classifier, `owner` = "the classifier" and its classes count."""
     if class_id is None:
         return
     if num_classes == 0:
         raise UserError(f"--class {class_id}: the model is unconditional (no classes)")
     if not 0 <= class_id < num_classes:
-        raise UserError(f"--class {class_id}: out of range; the model has classes 0..{num_classes - 1}")
+        raise UserError(f"--class {class_id}: out of range; {owner} has classes 0..{num_classes - 1}")
 
 
 def labels_for(s: SampleSettings, num_classes: int) -> Tensor | None:

@@ -84,6 +84,47 @@ def test_classifier_guidance_raises_the_share_of_the_requested_class(mix):
     assert shares[0] < shares[1] < shares[2] and shares[2] > 0.95, shares
 
 
+class _MLP(torch.nn.Module):
+    """A small p(y | x, σ) network for the 2-d mixture: logits from (x / sqrt(σ² + σ_data²), c_noise(σ))."""
+
+    def __init__(self, dim: int, k: int) -> None:
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(dim + 1, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64),
+                                     torch.nn.SiLU(), torch.nn.Linear(64, k))
+
+    def forward(self, x, c_noise):
+        return self.f(torch.cat([x.flatten(1), c_noise[:, None]], 1))
+
+
+def test_a_trained_noisy_classifier_raises_the_share_of_the_requested_class(mix):
+    """NoisyClassifier's own objective (cross-entropy at the process's σ draws), trained on mixture draws, then
+    guiding the unconditional oracle: the share of samples from the requested component rises with s."""
+    from diffcli.classifier import NoisyClassifier
+    from diffcli.processes import make_process
+
+    torch.manual_seed(0)
+    clf = NoisyClassifier(_MLP(2, 3), make_process("edm", sigma_max=20.0), 3)
+    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(400):
+        y = torch.multinomial(mix.weights, 256, replacement=True, generator=g)
+        loss = clf.loss(mix.sample(256, g, cond=y).float(), y, g).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    clf.eval()
+    n, want = 600, 1
+    y = torch.full((n,), want, dtype=torch.long)
+    sig = get_sigmas("karras", 30, 0.002, 20.0)
+    shares = []
+    for scale in (0.0, 1.0, 3.0):
+        den = ClassifierGuided(Conditioned(mix, None), clf, y, scale)
+        out = sample_dpmpp_2m(den, _x(n, 20.0, seed=3), sig)
+        shares.append(float((torch.cdist(out.reshape(n, -1), mix.means).argmin(1) == want).double().mean()))
+    assert shares[0] == pytest.approx(float(mix.weights[want]), abs=0.07)
+    assert shares[0] < shares[1] < shares[2] and shares[2] > 0.9, shares
+
+
 CLASSIFIER_RECIPE = """
 task = "classifier"
 name = "clf"
@@ -135,6 +176,32 @@ def test_sample_with_classifier_guidance(classifier_run, tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "s" / "sample.json").read_text())
     assert meta["settings"]["classifier_scale"] == 2.0 and meta["nfe"] == 3
+
+
+def test_classifier_picks_the_class_of_an_unconditional_model(classifier_run, tiny_recipe_path, tmp_path, capsys):
+    """An unconditional model has no classes of its own: with a classifier, --class names one of the
+    classifier's, and the labels it guided towards are recorded; without one, --class is refused."""
+    from conftest import TINY_RECIPE
+    from diffcli.cli import main
+    from diffcli.recipes import load_recipe
+    from diffcli.train import train
+
+    recipe = tmp_path / "uncond.toml"
+    recipe.write_text(TINY_RECIPE.replace('name = "digits"', 'name = "digits"\nclass_conditional = false')
+                      .replace("p_uncond = 0.1", "p_uncond = 0.0").replace("max_steps = 20", "max_steps = 2"))
+    train(load_recipe(recipe), tmp_path / "u", log=lambda *a, **k: None, show_progress=False)
+    ckpt, clf = tmp_path / "u" / "last.safetensors", classifier_run / "run" / "last.safetensors"
+    common = ["--n", "3", "--steps", "2", "--sampler", "euler", "--device", "cpu"]
+    assert main(["sample", str(ckpt), "--classifier", str(clf), "--classifier-scale", "1", "--class", "7",
+                 *common, "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "sample.json").read_text())["labels"] == [7, 7, 7]
+    capsys.readouterr()
+    for args, needle in [(["--class", "7"], "--classifier CKPT"),
+                         (["--classifier", str(clf), "--classifier-scale", "1", "--class", "10"],
+                          "the classifier has classes 0..9")]:
+        assert main(["sample", str(ckpt), *args, *common, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_classifier_mismatch_and_bad_guidance_options_exit_2(classifier_run, tiny_ckpt, tmp_path, capsys):
