@@ -94,6 +94,27 @@ def check_classifier_matches(meta: dict, path: str | Path, model_meta: dict, mod
                             f"{model_meta.get(key)!r}")
 
 
+def guiding_classifier(path: str | Path | None, scale: float, model_meta: dict, model_classes: int,
+                       device: str | torch.device, class_id: int | None = None) -> NoisyClassifier | None:
+    """The classifier of `--classifier PATH --classifier-scale S` for a model, checked against it (None without
+    one). The two options come together; for an unconditional model `--class` names one of the classifier's
+    classes. Every mismatch is a UserError naming the option and the value."""
+    if path is None:
+        if scale != 0:
+            raise UserError(f"--classifier-scale {scale:g}: needs --classifier CKPT")
+        return None
+    if scale == 0:
+        raise UserError(f"--classifier {str(path)!r}: give --classifier-scale S > 0 (without it the classifier "
+                        f"would not guide)")
+    clf, meta = load_classifier(path, device)
+    check_classifier_matches(meta, path, model_meta, model_classes)
+    if not model_classes:
+        from .generate import check_class_id
+
+        check_class_id(class_id, clf.num_classes, "the classifier")
+    return clf
+
+
 @torch.no_grad()
 def classifier_accuracy(clf: NoisyClassifier, x0: Tensor, y: Tensor, sigma: float) -> float:
     s = torch.full((x0.shape[0],), sigma)

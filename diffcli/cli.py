@@ -261,21 +261,9 @@ def sample(
         warning = guidance_range_warning(s, ck.meta)
         if warning:
             _console().print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
-    if classifier is not None and classifier_scale == 0:
-        raise UserError(f"--classifier {str(classifier)!r}: give --classifier-scale S > 0 (without it the "
-                        f"classifier would not guide)")
-    clf = None
-    if classifier is not None:
-        from .classifier import check_classifier_matches, load_classifier
+    from .classifier import guiding_classifier
 
-        clf, clf_meta = load_classifier(classifier, dev)
-        check_classifier_matches(clf_meta, classifier, ck.meta, ck.denoiser.num_classes)
-        if not ck.denoiser.num_classes:  # an unconditional model: --class picks one of the classifier's classes
-            from .generate import check_class_id
-
-            check_class_id(class_id, clf.num_classes, "the classifier")
-    elif classifier_scale != 0:
-        raise UserError(f"--classifier-scale {classifier_scale}: needs --classifier CKPT")
+    clf = guiding_classifier(classifier, classifier_scale, ck.meta, ck.denoiser.num_classes, dev, class_id)
     from .runtime import check_out_folder
 
     check_out_folder(out)
@@ -472,6 +460,9 @@ def eval_fid(
                                            "'tuned' runs the solver `diffcli sample --tune-schedule` stored beside "
                                            "the checkpoint for each sampler and NFE."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
+    classifier: Optional[Path] = typer.Option(None, "--classifier", help="Noise-conditional classifier checkpoint "
+                                              "for classifier-guided generation (as in `diffcli sample`)."),
+    classifier_scale: float = typer.Option(0.0, "--classifier-scale", help="Classifier-guidance scale s (0 = none)."),
     n: Optional[int] = typer.Option(None, "--n", "-n", help="Images to generate (checkpoint: 10000) or to read "
                                     "(folder: all)."),
     seed: int = typer.Option(0, "--seed", help="Run seed; image i depends only on (seed, i)."),
@@ -505,8 +496,8 @@ def eval_fid(
     con = _console()
     opts = EvalOptions(
         generated=generated, ref=ref, ref_split=ref_split, data_root=data_root, metrics=metrics, extractor=extractor,
-        inception_weights=inception_weights, sampler=sampler, nfe=nfe, steps=steps, schedule=schedule, cfg=cfg, n=n,
-        seed=seed, batch_size=batch_size, resize=resize, cache=not no_cache, device=device, out=out,
+        inception_weights=inception_weights, sampler=sampler, nfe=nfe, steps=steps, schedule=schedule, cfg=cfg,
+        classifier=classifier, classifier_scale=classifier_scale, n=n, seed=seed, batch_size=batch_size, resize=resize, cache=not no_cache, device=device, out=out,
         json_path=json_path, force=force)
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be ≥ 1")

@@ -163,6 +163,9 @@ def load_generated_folder(folder: Path, n: int | None) -> ImageSet:
         keys = ("checkpoint", "checkpoint_sha256", "checkpoint_step", "sampler", "schedule", "steps", "nfe", "seed",
                 "cfg", "class")
         info.update({k: meta.get(k) for k in keys} if isinstance(meta, dict) else {})
+        guided = meta.get("settings") if isinstance(meta, dict) else None
+        if isinstance(guided, dict) and guided.get("classifier"):
+            info.update(classifier=guided["classifier"], classifier_scale=guided.get("classifier_scale"))
         return ImageSet(images, lab, info)
     from .data import diffcli_output_images
 
@@ -486,6 +489,8 @@ class EvalOptions:
     steps: int | None = None
     schedule: str | None = None
     cfg: float = 1.0
+    classifier: Path | None = None  # classifier guidance while generating from a checkpoint
+    classifier_scale: float = 0.0
     n: int | None = None
     seed: int = 0
     batch_size: int = 256
@@ -559,6 +564,7 @@ class _Prepared:
     ck: object | None = None
     ck_hash: str | None = None
     settings: list | None = None  # one SampleSettings per generation job; None: a folder, nothing to generate
+    classifier: object | None = None  # the guiding NoisyClassifier, if any
     gen_set: ImageSet | None = None
     ext: Extractor | None = None
     ref: Reference | None = None
@@ -616,13 +622,19 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         p.settings = []
         for sampler, steps in _plan(opts, ck, p.warnings):  # every job is checked before the first image is generated
             s = SampleSettings(sampler=sampler, steps=steps, schedule=opts.schedule, cfg=opts.cfg, n=n_req,
-                               batch_size=opts.batch_size, seed=opts.seed)
+                               batch_size=opts.batch_size, seed=opts.seed,
+                               classifier=str(opts.classifier) if opts.classifier else None,
+                               classifier_scale=opts.classifier_scale)
             validate_settings(s, ck.denoiser.num_classes)
             if s.schedule == "tuned":  # the solver learned by `diffcli sample --tune-schedule`, from the sidecar
                 from .generate import resolve_tuned_schedule
 
                 resolve_tuned_schedule(ck, s, dev)
             p.settings.append(s)
+        from .classifier import guiding_classifier
+
+        p.classifier = guiding_classifier(opts.classifier, opts.classifier_scale, ck.meta, ck.denoiser.num_classes,
+                                          dev)
         if len(p.settings) > 1 and opts.out is None:
             raise UserError("a sweep (several --sampler/--nfe values) writes a CSV and a plot: give --out DIR")
         d = ck.recipe.data
@@ -631,6 +643,9 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
     elif g.is_dir():
         if opts.sampler or opts.nfe or opts.steps is not None:
             raise UserError(f"--sampler/--nfe/--steps need a checkpoint; GENERATED {str(g)!r} is a folder")
+        if opts.classifier is not None or opts.classifier_scale != 0:
+            raise UserError(f"--classifier/--classifier-scale need a checkpoint; GENERATED {str(g)!r} is a folder "
+                            f"(its sample.json records how it was guided)")
         if not main:  # nothing to generate: rank 0 reads and scores the folder alone
             return p
         p.gen_set = load_generated_folder(g, opts.n)
@@ -769,7 +784,8 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult | None:
             log(f"generating {s.n} images: {s.sampler}, {how}"
                 + (f" ({world.size} processes)" if world.distributed else ""))
             t0 = time.perf_counter()
-            imgs, grec = generate_images(p.ck, s, dev, range(lo, hi), show_progress=world.is_main)
+            imgs, grec = generate_images(p.ck, s, dev, range(lo, hi), show_progress=world.is_main,
+                                         classifier=p.classifier)
             t_gen = time.perf_counter() - t0
             images = to_uint8(imgs)
             labels = torch.tensor(grec["labels"], dtype=torch.long) if grec.get("labels") is not None else None
@@ -800,7 +816,8 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult | None:
             rec.update({"generated": {"source": "checkpoint", "path": str(p.ck.path)}, "checkpoint": str(p.ck.path),
                         "checkpoint_sha256": p.ck_hash, "checkpoint_step": p.ck.step, "sampler": grec["sampler"],
                         "schedule": grec["schedule"], "steps": grec["steps"], "nfe": grec["nfe"], "cfg": opts.cfg,
-                        "seed": opts.seed, "seeds": f"image i uses seed mix({opts.seed}, i)",
+                        "classifier": str(opts.classifier) if opts.classifier else None,
+                        "classifier_scale": opts.classifier_scale, "seed": opts.seed, "seeds": f"image i uses seed mix({opts.seed}, i)",
                         "generation_seconds": round(t_gen, 3)})
         else:
             info = p.gen_set.info
@@ -808,7 +825,8 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult | None:
                         "checkpoint_sha256": info.get("checkpoint_sha256"),
                         "checkpoint_step": info.get("checkpoint_step"), "sampler": info.get("sampler"),
                         "schedule": info.get("schedule"), "steps": info.get("steps"), "nfe": info.get("nfe"),
-                        "cfg": info.get("cfg"), "seed": info.get("seed"),
+                        "cfg": info.get("cfg"), "classifier": info.get("classifier"),
+                        "classifier_scale": info.get("classifier_scale"), "seed": info.get("seed"),
                         "seeds": None if info.get("seed") is None else f"image i uses seed mix({info['seed']}, i)",
                         "generation_seconds": None})
         t0 = time.perf_counter()
@@ -850,12 +868,14 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult | None:
     return EvalResult(records, files, all_warn)
 
 
-def generate_images(ck, s, dev: torch.device, indices: range, *, show_progress: bool) -> tuple[Tensor, dict]:
-    """Images `indices` of a run with settings `s` from a loaded checkpoint (diffcli.generate)."""
+def generate_images(ck, s, dev: torch.device, indices: range, *, show_progress: bool,
+                    classifier=None) -> tuple[Tensor, dict]:
+    """Images `indices` of a run with settings `s` from a loaded checkpoint (diffcli.generate), guided by
+    `classifier` when one is given."""
     from .generate import generate
 
     return generate(ck.denoiser, ck.channels, ck.resolution, s, device=dev, indices=indices,
-                    show_progress=show_progress)
+                    show_progress=show_progress, classifier=classifier)
 
 
 def _json_default(o):
@@ -889,8 +909,8 @@ def _one_line(rec: dict) -> str:
     return head + ", ".join(parts)
 
 
-CSV_COLUMNS = ["sampler", "schedule", "steps", "nfe", "cfg", "n_generated", "n_reference", "fid", "kid_mean",
-               "kid_std", "is_mean", "is_std", "precision", "recall", "f_score", "class_accuracy",
+CSV_COLUMNS = ["sampler", "schedule", "steps", "nfe", "cfg", "classifier_scale", "n_generated", "n_reference",
+               "fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "f_score", "class_accuracy",
                "generation_seconds", "eval_seconds"]
 
 
@@ -998,6 +1018,8 @@ def summary_rows(rec: dict) -> list[tuple[str, str]]:
     if rec.get("sampler"):
         rows.append(("sampler", f"{rec['sampler']} ({rec.get('schedule')}, {rec.get('steps')} steps, "
                                 f"NFE {rec.get('nfe')}, cfg {rec.get('cfg')}, seed {rec.get('seed')})"))
+    if rec.get("classifier"):
+        rows.append(("classifier guidance", f"{rec['classifier']} (scale {rec.get('classifier_scale')})"))
     if rec.get("checkpoint_sha256"):
         rows.append(("checkpoint", f"{rec.get('checkpoint')} (sha256 {rec['checkpoint_sha256']})"))
     rows.append(("seconds", f"eval {rec['eval_seconds']:.2f}"

@@ -204,6 +204,36 @@ def test_classifier_picks_the_class_of_an_unconditional_model(classifier_run, ti
         assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_eval_fid_generates_with_classifier_guidance(classifier_run, tiny_ckpt, digits_cache, tmp_path, capsys):
+    """eval-fid on a checkpoint guides its generation as `sample` does and records it; the sample folder of a
+    guided run carries its guidance into the record; a folder takes no --classifier."""
+    from diffcli.cli import main
+
+    clf = classifier_run / "run" / "last.safetensors"
+    common = ["--n", "10", "--steps", "2", "--sampler", "euler", "--metrics", "fid", "--device", "cpu"]
+    assert main(["eval-fid", str(tiny_ckpt), "--classifier", str(clf), "--classifier-scale", "2", *common,
+                 "--json", str(tmp_path / "g.json")]) == 0
+    rec = json.loads((tmp_path / "g.json").read_text())
+    assert rec["classifier"] == str(clf) and rec["classifier_scale"] == 2.0 and rec["class_accuracy"] is not None
+    assert main(["eval-fid", str(tiny_ckpt), *common, "--json", str(tmp_path / "u.json")]) == 0
+    plain = json.loads((tmp_path / "u.json").read_text())
+    assert plain["classifier"] is None and plain["metrics"]["fid"] != rec["metrics"]["fid"]  # it did guide
+    assert main(["sample", str(tiny_ckpt), "--classifier", str(clf), "--classifier-scale", "2", "--n", "10",
+                 "--steps", "2", "--sampler", "euler", "--out", str(tmp_path / "s")]) == 0
+    assert main(["eval-fid", str(tmp_path / "s"), "--metrics", "fid", "--json", str(tmp_path / "f.json")]) == 0
+    folder = json.loads((tmp_path / "f.json").read_text())
+    assert folder["classifier_scale"] == 2.0 and folder["metrics"]["fid"] == pytest.approx(rec["metrics"]["fid"])
+    capsys.readouterr()
+    for args, needle in [([str(tmp_path / "s"), "--classifier", str(clf), "--classifier-scale", "1"],
+                          "need a checkpoint"),
+                         ([str(tiny_ckpt), "--classifier-scale", "1"], "needs --classifier"),
+                         ([str(tiny_ckpt), "--classifier", str(tiny_ckpt), "--classifier-scale", "1"],
+                          "not a classifier")]:
+        assert main(["eval-fid", *args, "--n", "4"]) == 2, args
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_classifier_mismatch_and_bad_guidance_options_exit_2(classifier_run, tiny_ckpt, tmp_path, capsys):
     d = classifier_run
     (d / "ve.toml").write_text(CLASSIFIER_RECIPE.replace('process = "edm"', 'process = "ve"').replace(
