@@ -134,7 +134,7 @@ def train_classifier(recipe: Recipe, out: Path, *, resume: bool = False, force: 
     # as for a denoiser run: the folder's state, the device and the dataset are checked before the folder is
     # created, resumed or (with --force) emptied; a resumed run's recipe equals this one but for the budget
     T.check_run_folder(out, resume=resume, force=force)
-    dev = resolve_device(device or recipe.train.device)
+    dev = resolve_device(device or recipe.train.device, "--device" if device else "train.device")
     data = load_dataset(recipe.data)
     if not data.num_classes:
         raise UserError(f"data.name = {recipe.data.name!r}: task = 'classifier' needs labels")
@@ -145,20 +145,21 @@ def train_classifier(recipe: Recipe, out: Path, *, resume: bool = False, force: 
     clf = build_classifier(recipe, data.channels, data.num_classes).to(dev)
     ema = copy.deepcopy(clf).eval().requires_grad_(False)
     opt = torch.optim.AdamW(clf.net.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
-    start = 0
+    start, resumed_window = 0, T.LossWindow()
     if resume and (found := T.latest_state(out)) is not None:
-        start = T.load_state(found[1], clf.net, ema.net, opt)
+        start = T.load_state(found[1], clf.net, ema.net, opt, expect_step=found[0], window=resumed_window)
         log(f"resumed {out} at step {start}")
-    T._truncate_metrics(out / "metrics.csv", start)
+    T._truncate_metrics(out / "metrics.csv", start, resumed_window)
     batches = T.Batches(data, t.batch_size, t.seed, dev, recipe.data.num_workers)
     params, ema_params = list(clf.net.parameters()), list(ema.net.parameters())
     n_params = sum(p.numel() for p in params)
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int, window: T.LossWindow | None = None) -> Path:
         ck = out / "checkpoints" / f"step_{step:07d}.safetensors"
         if not all(torch.isfinite(p).all() for p in params):
             raise RunFailure(f"step {step}: weights became non-finite; no checkpoint written")
-        T.save_state(out / "checkpoints" / f"step_{step:07d}.state.safetensors", step, recipe, clf.net, ema.net, opt)
+        T.save_state(out / "checkpoints" / f"step_{step:07d}.state.safetensors", step, recipe, clf.net, ema.net, opt,
+                     window)
         save_classifier(ck, ema, recipe, step=step, channels=data.channels, resolution=data.resolution)
         save_classifier(out / "last.safetensors", ema, recipe, step=step, channels=data.channels,
                         resolution=data.resolution)
@@ -166,9 +167,13 @@ def train_classifier(recipe: Recipe, out: Path, *, resume: bool = False, force: 
         return ck
 
     metrics = T._MetricsWriter(out / "metrics.csv")
+    if resumed_window.steps:  # the dropped stop row's clock
+        metrics.seconds_before = resumed_window.seconds
     t0 = time.perf_counter()
-    step, last_loss, window, last_ck, stopped_by, ips = start, float("nan"), [], None, "max_steps", 0.0
+    step, last_loss, last_ck, stopped_by, ips = start, float("nan"), None, "max_steps", 0.0
     window_t, window_imgs = time.perf_counter(), 0
+    # the loss sum and count since the last row; a stop between rows left its window in the state
+    win_sum, win_n = resumed_window.loss_sum, resumed_window.steps
     clf.train()
     with T._Signals() as sigs, progress() as bar:
         task = bar.add_task("training classifier", total=t.max_steps, completed=start, info="",
@@ -197,23 +202,29 @@ def train_classifier(recipe: Recipe, out: Path, *, resume: bool = False, force: 
             for b_ema, b in zip(ema.net.buffers(), clf.net.buffers()):
                 b_ema.copy_(b)
             last_loss = loss_v
-            window.append(loss_v)
+            win_sum, win_n = win_sum + loss_v, win_n + 1
             window_imgs += x0.shape[0]
             step += 1
             bar.update(task, completed=step, info=f"loss {loss_v:.4f}")
-            if step % t.log_every == 0 or step == t.max_steps:
+            budget_spent = t.max_minutes is not None and (time.perf_counter() - t0) > 60 * t.max_minutes
+            signalled = sigs.received  # read once: a later signal waits for the next step's checkpoint
+            # rows are also cut at every checkpoint, so a resumed run logs the very same windows
+            log_row = step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.max_steps
+            stop_window = None
+            if log_row or budget_spent or signalled:
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_t, 1e-9)
-                metrics.write([step, f"{sum(window) / len(window):.8g}", f"{lr:.6g}", f"{ips:.1f}",
-                               f"{metrics.seconds_before + now - t0:.2f}"])
-                window, window_imgs, window_t = [], 0, now
-            budget_spent = t.max_minutes is not None and (time.perf_counter() - t0) > 60 * t.max_minutes
-            if step % t.checkpoint_every == 0 or step == t.max_steps or budget_spent or sigs.received:
+                seconds = metrics.seconds_before + now - t0
+                metrics.write([step, f"{win_sum / win_n:.8g}", f"{lr:.6g}", f"{ips:.1f}", f"{seconds:.2f}"])
+                if not log_row:  # a stop between log rows: the state keeps its window for a resume
+                    stop_window = T.LossWindow(win_sum, win_n, seconds)
+                win_sum, win_n, window_imgs, window_t = 0.0, 0, 0, now
+            if step % t.checkpoint_every == 0 or step == t.max_steps or budget_spent or signalled:
                 with sigs.saving(step):
-                    last_ck = checkpoint(step)
-            if sigs.received:
+                    last_ck = checkpoint(step, stop_window)
+            if signalled:
                 raise Interrupted(f"interrupted at step {step}; checkpoint {last_ck} written. Resume with: "
-                                  f"diffcli train {out / 'recipe.toml'} --out {out} --resume", 128 + sigs.received)
+                                  f"diffcli train {out / 'recipe.toml'} --out {out} --resume", 128 + signalled)
             if budget_spent:
                 stopped_by = "max_minutes"
                 break

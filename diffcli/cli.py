@@ -141,7 +141,8 @@ def sample(
     nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser-call budget; chooses --steps to fit."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="karras | logsnr | logsnr_leading | logsnr_leading_ms | logsnr_linspace | uniform | linear | tuned."),
     eta: Optional[float] = typer.Option(None, "--eta", help="Stochasticity η in [0, 1] (ddim, euler_ancestral, dpmpp_2m_sde)."),
-    cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale (1 = none)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale (1 = none) "
+                                        "(default: recipe's sample.cfg, 1 unless the checkpoint sets it)."),
     class_id: Optional[int] = typer.Option(None, "--class", help="Class id for every image (default: cycle)."),
     n: int = typer.Option(64, "--n", "-n", help="Number of images."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per batch (results do not depend on it)."),
@@ -236,6 +237,8 @@ def sample(
         raise UserError(f"--steps {steps}: {name} is adaptive (it takes its own steps, their number follows from "
                         f"--rtol); use --rtol")
     steps = steps if steps is not None else rs.steps
+    if cfg is None:  # e.g. a guidance-distilled student records the middle of its w range
+        cfg = rs.cfg if ck.denoiser.num_classes else 1.0
     if steps < 1:
         raise UserError(f"--steps {steps}: must be ≥ 1")
     interval = None
@@ -294,7 +297,8 @@ def sample(
         ("images", f"{len(images)} → {out / 'images'}"), ("grid", str(out / "grid.png")),
         # an adaptive solver's grid only gives its ends: its steps are its own (the NFE row counts them)
         ("sampler", f"{record['sampler']} (adaptive, σ {record['sigmas'][0]:.4g} → {record['sigmas'][-2]:.4g})"
-         if record.get("adaptive") else f"{record['sampler']} ({record['schedule']}, {record['steps']} steps)"),
+         if record.get("adaptive") else f"{record['sampler']} ({record['schedule']}, {record['steps']} "
+                                         f"step{'' if record['steps'] == 1 else 's'})"),
         ("NFE", f"{record['nfe']} (network evaluations {record['network_evaluations']})"),
         ("seconds", f"{record['seconds']:.2f}"),
     ]))
@@ -325,7 +329,10 @@ def distill(
       diffcli sample runs/pd/students/steps_004.safetensors --out samples/pd4
     """
     from .recipes import load_distill_recipe
+    from .train import check_run_folder
 
+    if out is not None:  # the folder's own refusals (--resume with --force, no run to resume) come first
+        check_run_folder(out, resume=resume, force=force)
     if recipe is None:
         if not (resume and out is not None):
             raise UserError("distill needs a RECIPE (or --out RUN --resume to continue a run with its own recipe)")
@@ -339,6 +346,7 @@ def distill(
     from .distill.common import distill as run_distill
     from .distill.common import recorded_teacher
 
+    teacher_given = teacher is not None
     if teacher is None:
         teacher = recorded_teacher(out) if resume else None
         if teacher is None:
@@ -348,7 +356,8 @@ def distill(
             raise UserError("distill needs --teacher CKPT (the checkpoint to distill)")
 
     con = _console()
-    res = run_distill(rec, teacher, out, resume=resume, force=force, device=device, log=_lines(con))
+    res = run_distill(rec, teacher, out, resume=resume, force=force, device=device, log=_lines(con),
+                      teacher_given=teacher_given)
     rows = [("run folder", str(out)), ("method", res["method"]), ("steps", f"{res['steps']} / {res['total_steps']}"),
             ("last loss", f"{res['last_loss']:.5f}"), ("wall-clock", f"{res['seconds']:.1f} s")]
     rows += [("student", str(out / p)) for p in res["students"]]
@@ -459,7 +468,8 @@ def eval_fid(
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Sigma schedule (default: the sampler's); "
                                            "'tuned' runs the solver `diffcli sample --tune-schedule` stored beside "
                                            "the checkpoint for each sampler and NFE."),
-    cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale (default: recipe's "
+                                        "sample.cfg, as in `diffcli sample`)."),
     classifier: Optional[Path] = typer.Option(None, "--classifier", help="Noise-conditional classifier checkpoint "
                                               "for classifier-guided generation (as in `diffcli sample`)."),
     classifier_scale: float = typer.Option(0.0, "--classifier-scale", help="Classifier-guidance scale s (0 = none)."),

@@ -325,8 +325,9 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
     t0 = time.perf_counter()
     idx = list(indices)
     with progress() as bar:
-        task = bar.add_task("sampling", total=len(idx), info=f"{s.sampler} {len(sigmas) - 1} steps",
-                            visible=show_progress)
+        n_steps = len(sigmas) - 1
+        task = bar.add_task("sampling", total=len(idx), visible=show_progress,
+                            info=f"{s.sampler} {n_steps} step{'' if n_steps == 1 else 's'}")
         for b0 in range(0, len(idx), s.batch_size):
             batch = idx[b0:b0 + s.batch_size]
             gens = [sample_generator(s.seed, i) for i in batch]

@@ -488,7 +488,7 @@ class EvalOptions:
     nfe: str | None = None  # comma list
     steps: int | None = None
     schedule: str | None = None
-    cfg: float = 1.0
+    cfg: float | None = None  # None: the checkpoint recipe's sample.cfg
     classifier: Path | None = None  # classifier guidance while generating from a checkpoint
     classifier_scale: float = 0.0
     n: int | None = None
@@ -620,8 +620,9 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         p.ck_hash = file_hash(g)  # before loading: the hash names the weights that are evaluated
         p.ck = ck = load_checkpoint(g, dev)
         p.settings = []
+        cfg = opts.cfg if opts.cfg is not None else (ck.recipe.sample.cfg if ck.denoiser.num_classes else 1.0)
         for sampler, steps in _plan(opts, ck, p.warnings):  # every job is checked before the first image is generated
-            s = SampleSettings(sampler=sampler, steps=steps, schedule=opts.schedule, cfg=opts.cfg, n=n_req,
+            s = SampleSettings(sampler=sampler, steps=steps, schedule=opts.schedule, cfg=cfg, n=n_req,
                                batch_size=opts.batch_size, seed=opts.seed,
                                classifier=str(opts.classifier) if opts.classifier else None,
                                classifier_scale=opts.classifier_scale)
@@ -641,8 +642,8 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         default_ref = {"name": d.name, "split": d.split, "root": d.root, "resolution": d.resolution, "path": d.path}
         gen_shape, n_gen = (ck.channels, ck.resolution, ck.resolution), n_req
     elif g.is_dir():
-        if opts.sampler or opts.nfe or opts.steps is not None:
-            raise UserError(f"--sampler/--nfe/--steps need a checkpoint; GENERATED {str(g)!r} is a folder")
+        if opts.sampler or opts.nfe or opts.steps is not None or opts.cfg is not None:
+            raise UserError(f"--sampler/--nfe/--steps/--cfg need a checkpoint; GENERATED {str(g)!r} is a folder")
         if opts.classifier is not None or opts.classifier_scale != 0:
             raise UserError(f"--classifier/--classifier-scale need a checkpoint; GENERATED {str(g)!r} is a folder "
                             f"(its sample.json records how it was guided)")
@@ -780,7 +781,8 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult | None:
             lo, hi = batch_shard(s.n, s.batch_size, world)
             from .samplers import SAMPLER_INFO
 
-            how = "adaptive steps" if SAMPLER_INFO[s.sampler].adaptive else f"{s.steps} steps"
+            how = ("adaptive steps" if SAMPLER_INFO[s.sampler].adaptive
+                   else f"{s.steps} step{'' if s.steps == 1 else 's'}")
             log(f"generating {s.n} images: {s.sampler}, {how}"
                 + (f" ({world.size} processes)" if world.distributed else ""))
             t0 = time.perf_counter()
@@ -815,9 +817,10 @@ def evaluate(opts: EvalOptions, log=None) -> EvalResult | None:
             t_gen = max(q["generation_seconds"] for q in parts)
             rec.update({"generated": {"source": "checkpoint", "path": str(p.ck.path)}, "checkpoint": str(p.ck.path),
                         "checkpoint_sha256": p.ck_hash, "checkpoint_step": p.ck.step, "sampler": grec["sampler"],
-                        "schedule": grec["schedule"], "steps": grec["steps"], "nfe": grec["nfe"], "cfg": opts.cfg,
+                        "schedule": grec["schedule"], "steps": grec["steps"], "nfe": grec["nfe"], "cfg": s.cfg,
                         "classifier": str(opts.classifier) if opts.classifier else None,
-                        "classifier_scale": opts.classifier_scale, "seed": opts.seed, "seeds": f"image i uses seed mix({opts.seed}, i)",
+                        "classifier_scale": opts.classifier_scale, "seed": opts.seed,
+                        "seeds": f"image i uses seed mix({opts.seed}, i)",
                         "generation_seconds": round(t_gen, 3)})
         else:
             info = p.gen_set.info
@@ -1016,8 +1019,9 @@ def summary_rows(rec: dict) -> list[tuple[str, str]]:
                            f"hash {rec['extractor_weights_hash']})"),
              ("resize", rec["resize"])]
     if rec.get("sampler"):
-        rows.append(("sampler", f"{rec['sampler']} ({rec.get('schedule')}, {rec.get('steps')} steps, "
-                                f"NFE {rec.get('nfe')}, cfg {rec.get('cfg')}, seed {rec.get('seed')})"))
+        rows.append(("sampler", f"{rec['sampler']} ({rec.get('schedule')}, {rec.get('steps')} "
+                                f"step{'' if rec.get('steps') == 1 else 's'}, NFE {rec.get('nfe')}, "
+                                f"cfg {rec.get('cfg')}, seed {rec.get('seed')})"))
     if rec.get("classifier"):
         rows.append(("classifier guidance", f"{rec['classifier']} (scale {rec.get('classifier_scale')})"))
     if rec.get("checkpoint_sha256"):

@@ -469,8 +469,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, schema: ty
         raise UserError(f"recipe {str(p)!r} is a folder, not a TOML file")
     try:
         text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"recipe {str(p)!r} cannot be read: {e.__class__.__name__}") from None
+    except UnicodeDecodeError:
+        hint = " (it looks like a checkpoint; the recipe is a .toml file)" if p.suffix == ".safetensors" else ""
+        raise UserError(f"recipe {str(p)!r} is not a TOML recipe: not UTF-8 text{hint}") from None
+    except OSError as e:
+        raise UserError(f"recipe {str(p)!r} cannot be read: {e.strerror or e.__class__.__name__}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -23,16 +23,17 @@ def check_out_folder(out, option: str = "--out") -> None:
             return
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else must be a device torch knows and has."""
+def resolve_device(name: str, field: str = "--device") -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else must be a device torch knows and has. `field` is
+    where the name came from (the option, or the recipe's train.device), for the error message."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device (use auto, cpu, cuda, cuda:N)") from None
+        raise UserError(f"{field} {name!r}: not a device (use auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name!r}: CUDA is not available on this machine")
+        raise UserError(f"{field} {name!r}: CUDA is not available on this machine")
     return dev
 
 

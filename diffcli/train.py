@@ -115,7 +115,7 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool, 
 
 # What diffcli writes inside a run's folders: --force removes these and leaves anything else a user put there
 RUN_FOLDER_NAMES = {"checkpoints": r"step_\d+(\.state)?\.safetensors", "samples": r"step_\d+\.png",
-                    "students": r"steps_\d+\.safetensors", "pairs": r"chunk_\d+\.safetensors",
+                    "students": r"(steps_\d+|flow)\.safetensors", "pairs": r"chunk_\d+\.safetensors",
                     "pairs_flow": r"chunk_\d+\.safetensors"}
 
 
@@ -305,8 +305,12 @@ def lr_at(recipe: Recipe, step: int) -> float:
 
 # --- training state I/O -------------------------------------------------------------------------------------
 def save_state(path: Path, step: int, recipe: Recipe, net: torch.nn.Module, ema: torch.nn.Module,
-               opt: torch.optim.Optimizer) -> None:
+               opt: torch.optim.Optimizer, window: "LossWindow | None" = None) -> None:
+    """The training state of `step`; `window`: the loss statistics of a stop between two log rows, so that a
+    resumed run's next row covers the same steps as an uninterrupted run's."""
     tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+    if window is not None and window.steps:
+        tensors.update(window.tensors())
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     osd = opt.state_dict()
     for pid, st in osd["state"].items():
@@ -318,7 +322,9 @@ def save_state(path: Path, step: int, recipe: Recipe, net: torch.nn.Module, ema:
 
 
 def load_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
-               expect_step: int | None = None) -> int:
+               expect_step: int | None = None, window: "LossWindow | None" = None) -> int:
+    """Restore net, EMA and optimizer from a state file; returns its step. `window`, if given, takes the loss
+    statistics a stop between log rows saved (and stays empty for a state saved at a log row)."""
     hint = (f"; restore it, or delete {path.name} and {path.name.replace('.state', '')} to resume from the "
             f"checkpoint before it")
     try:
@@ -342,9 +348,33 @@ def load_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, opt: torc
                 state.setdefault(int(pid), {})[name] = v
         opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
         match_state_strides(opt)
+        if window is not None:
+            window.restore(tensors)
         return int(meta["step"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise UserError(f"{path}: training state does not match the run ({str(e).splitlines()[0][:160]})") from None
+
+
+class LossWindow:
+    """The loss statistics of the steps since the last metrics.csv row: their loss sum, the steps counted in
+    it, and the run's training seconds at a stop. A stop between two log rows (a signal, train.max_minutes)
+    writes a row of its own and saves its window in the training state; a resume restores it, drops that stop
+    row and goes on adding, so every later row is the one an uninterrupted run writes (the sum continues in
+    the same order: bit-equal means)."""
+
+    KEYS = ("window.loss_sum", "window.steps", "window.seconds")
+
+    def __init__(self, loss_sum: float = 0.0, steps: int = 0, seconds: float = 0.0) -> None:
+        self.loss_sum, self.steps, self.seconds = loss_sum, steps, seconds
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {k: torch.tensor(v, dtype=torch.float64)
+                for k, v in zip(self.KEYS, (self.loss_sum, self.steps, self.seconds))}
+
+    def restore(self, tensors: dict[str, Tensor]) -> None:
+        if all(k in tensors for k in self.KEYS):
+            self.loss_sum, steps, self.seconds = (float(tensors[k]) for k in self.KEYS)
+            self.steps = int(steps)
 
 
 # --- the loop ------------------------------------------------------------------------------------------------
@@ -406,7 +436,7 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     if recipe.diffusion.parameterization == "consistency":
         raise UserError("diffusion.parameterization = 'consistency': consistency models are made by "
                         "`diffcli distill` (method = 'consistency'), not by diffcli train")
-    dev = resolve_device(device or recipe.train.device)
+    dev = resolve_device(device or recipe.train.device, "--device" if device else "train.device")
     # The dataset before the run folder: a missing or broken dataset must fail before the folder is created,
     # resumed or (with --force) emptied. A resumed run's recipe equals this one but for RESUME_ANEW.
     data = load_dataset(recipe.data)
@@ -440,11 +470,11 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
         denoiser.net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = make_optimizer(denoiser.net.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
-    start = 0
+    start, resumed_window = 0, LossWindow()
     if resume:
         found = latest_state(out)
         if found is not None:
-            start = load_state(found[1], denoiser.net, ema.net, opt, expect_step=found[0])
+            start = load_state(found[1], denoiser.net, ema.net, opt, expect_step=found[0], window=resumed_window)
             if world.is_main:
                 log(f"resumed {out} at step {start}")
         elif world.is_main:
@@ -452,7 +482,7 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     # Written only now, so that a refused --resume (lost or corrupt state) leaves the run folder untouched.
     if world.is_main:
         atomic_write_bytes(out / "recipe.toml", recipe.to_toml().encode())
-        _truncate_metrics(out / "metrics.csv", start)
+        _truncate_metrics(out / "metrics.csv", start, resumed_window)
     n_params = sum(p.numel() for p in denoiser.net.parameters())
     if t.compile:  # compile the forward only, so state-dict keys (and checkpoints) are unchanged
         denoiser.net.forward = torch.compile(denoiser.net.forward)
@@ -476,13 +506,13 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
                                    schedule=recipe.sample.schedule, n=t.sample_grid, seed=1234,
                                    batch_size=min(t.sample_grid, 256))
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int, window: LossWindow | None = None) -> Path:
         ck = out / "checkpoints" / f"step_{step:07d}.safetensors"
         for p in denoiser.net.parameters():
             if not torch.isfinite(p).all():
                 raise RunFailure(f"step {step}: weights became non-finite; no checkpoint written")
         save_state(out / "checkpoints" / f"step_{step:07d}.state.safetensors", step, recipe, denoiser.net,
-                   ema.net, opt)
+                   ema.net, opt, window)
         save_denoiser(ck, ema, recipe, step=step, channels=data.channels, resolution=data.resolution)
         save_denoiser(out / "last.safetensors", ema, recipe, step=step, channels=data.channels,
                       resolution=data.resolution)
@@ -494,8 +524,10 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
         save_grid(out / "samples" / f"step_{step:07d}.png", imgs)
 
     metrics = _MetricsWriter(out / "metrics.csv") if world.is_main else None
+    if metrics is not None and resumed_window.steps:  # the dropped stop row's clock
+        metrics.seconds_before = resumed_window.seconds
     t0 = time.perf_counter()
-    step, last_loss, window_t = start, float("nan"), time.perf_counter()
+    step, last_loss, window_t, window_step = start, float("nan"), time.perf_counter(), start
     reported_bad, ips = 0, 0.0
     stopped_by = "max_steps"
     last_ck = None
@@ -506,6 +538,8 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     sdt = torch.float32 if dev.type == "mps" else torch.float64  # the loss statistics (float64 as python floats)
     nan = float("nan")
     win_sum, win_n, n_bad = (torch.zeros((), dtype=sdt, device=dev) for _ in range(3))
+    win_sum += resumed_window.loss_sum  # a stop between log rows: its window goes on
+    win_n += resumed_window.steps
     last_t, fail_step, fail_loss, fail_gnorm, fail_last = (torch.full((), v, dtype=sdt, device=dev)
                                                            for v in (nan, -1.0, nan, nan, nan))
     denoiser.train()
@@ -601,18 +635,21 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
                 reported_bad = int(bad_v)
             last_loss = last_v
             bar.update(task, completed=step, info=f"loss {last_v:.4f}")
+            stop_window = None
             if world.is_main and (log_row or stop):
                 now = time.perf_counter()
-                ips = w_n * B / max(now - window_t, 1e-9)
+                ips = (step - window_step) * B / max(now - window_t, 1e-9)
                 mean_loss = f"{w_sum / w_n:.8g}" if w_n else "nan"
-                metrics.write([step, mean_loss, f"{lr:.6g}", f"{ips:.1f}",
-                               f"{metrics.seconds_before + now - t0:.2f}"])
-                window_t = now
+                seconds = metrics.seconds_before + now - t0
+                metrics.write([step, mean_loss, f"{lr:.6g}", f"{ips:.1f}", f"{seconds:.2f}"])
+                window_t, window_step = now, step
+                if not log_row:  # a stop between log rows: the state keeps its window for a resume
+                    stop_window = LossWindow(w_sum, int(w_n), seconds)
             if log_row or stop:
                 win_sum.zero_(), win_n.zero_()
             if world.is_main and (step % t.checkpoint_every == 0 or step == t.max_steps or stop):
                 with sigs.saving(step):
-                    last_ck = checkpoint(step)
+                    last_ck = checkpoint(step, stop_window)
             if world.is_main and (step % t.sample_every == 0 or step == t.max_steps or budget_spent):
                 sample_grid(step)
             if signalled:
@@ -662,12 +699,14 @@ class _MetricsWriter:
             raise RunFailure(f"cannot write {self.path}: {e.strerror or e}; the last checkpoint is intact") from None
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint we resume from (they will be logged again)."""
+def _truncate_metrics(path: Path, step: int, window: LossWindow | None = None) -> None:
+    """On resume, drop rows logged after the checkpoint we resume from (they will be logged again), and the
+    stop row at that step when its window goes on (`window` restored from the state)."""
     if not path.exists():
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step] if rows else []
+    last = step - 1 if window is not None and window.steps else step
+    keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last] if rows else []
     text = "".join(",".join(r) + "\r\n" for r in keep)
     atomic_write_bytes(path, text.encode())

@@ -399,6 +399,11 @@ def test_cli_distill_end_to_end(variant, tiny_ckpt, tmp_path, capsys):
         assert sigma_grid(d, SampleSettings(sampler="ddim", steps=2)).tolist() == pytest.approx(meta_grid)
         assert sigma_grid(d, SampleSettings(sampler="ddim", steps=2, schedule="karras")).tolist() != \
             pytest.approx(meta_grid)
+    if method == "guidance":  # without --cfg the student samples at the w its recipe records (mid-range)
+        from diffcli.checkpoint import load_checkpoint
+
+        w = load_checkpoint(student).recipe.sample.cfg
+        assert w != 1.0 and info["cfg"] == w
     if method == "guidance":  # --cfg w on the student: one forward per step
         g_out = tmp_path / "guided"
         assert cli_main(["sample", str(student), "--n", "4", "--cfg", "3", "--out", str(g_out), "--device", "cpu"]) == 0
@@ -616,3 +621,90 @@ def test_ctrl_c_while_reflow_makes_its_pairs_says_how_to_resume(tiny_ckpt, tmp_p
     monkeypatch.setattr(reflow, "make_pairs", made)
     assert cli_main(["distill", "--out", str(run), "--resume"]) == 0, capsys.readouterr().err
     assert json.loads((run / "distill.json").read_text())["teacher"] == str(tiny_ckpt.resolve())
+
+
+def test_students_are_the_runs_own_and_force_removes_them_all(tiny_ckpt, tmp_path, capsys):
+    """distill.json lists the students the run wrote, not a user's files beside them; --force removes every
+    student the earlier run made (a reflow's flow.safetensors too) and keeps the user's files."""
+    run = tmp_path / "run"
+    sets = [a for o in ["train.max_steps=4"] + STEPS for a in ("--set", o)]
+    rf = _write(tmp_path, "rf.toml", RECIPES["reflow-distill"])
+    assert cli_main(["distill", str(rf), "--teacher", str(tiny_ckpt), "--out", str(run), *sets]) == 0
+    assert json.loads((run / "distill.json").read_text())["students"] == ["students/flow.safetensors",
+                                                                          "students/steps_002.safetensors"]
+    (run / "students" / "my_notes.txt").write_text("mine")
+    shutil.copy(run / "students" / "steps_002.safetensors", run / "students" / "keep_me.safetensors")
+    pd = _write(tmp_path, "pd.toml", RECIPES["progressive"])
+    assert cli_main(["distill", str(pd), "--teacher", str(tiny_ckpt), "--out", str(run), "--force", *sets]) == 0
+    summary = json.loads((run / "distill.json").read_text())
+    assert summary["students"] == ["students/steps_002.safetensors", "students/steps_004.safetensors"]
+    assert sorted(p.name for p in (run / "students").iterdir()) == ["keep_me.safetensors", "my_notes.txt",
+                                                                    "steps_002.safetensors", "steps_004.safetensors"]
+    table = capsys.readouterr().out
+    assert "keep_me" not in table and "flow.safetensors" not in table
+
+
+@pytest.mark.parametrize("method", ["consistency", "reflow"])
+def test_a_guidance_student_as_teacher_is_refused_before_anything_is_written(method, tiny_ckpt, tmp_path, capsys):
+    from diffcli.distill.common import distill
+    from diffcli.recipes import load_distill_recipe
+
+    g_rec = _write(tmp_path, "g.toml", RECIPES["guidance"])
+    distill(load_distill_recipe(g_rec, ["train.max_steps=2"] + STEPS), tiny_ckpt, tmp_path / "g",
+            log=lambda *a, **k: None, show_progress=False)
+    rec = _write(tmp_path, "m.toml", RECIPES[method])
+    out = tmp_path / "o"
+    rc = cli_main(["distill", str(rec), "--teacher", str(tmp_path / "g" / "last.safetensors"), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "guidance-distilled student" in err and "progressive" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_distill_stopped_between_log_rows_resumes_into_the_same_rows(tiny_ckpt, tmp_path):
+    """As for train: the stop's own row is dropped on resume and its loss window goes on."""
+    import csv
+
+    from diffcli.distill.common import distill
+    from diffcli.recipes import load_distill_recipe
+
+    rec = _write(tmp_path, "cd.toml", RECIPES["consistency"])
+    over = STEPS + ["train.max_steps=6", "train.log_every=3", "train.checkpoint_every=6"]
+    quiet = dict(log=lambda *a, **k: None, show_progress=False)
+    distill(load_distill_recipe(rec, over), tiny_ckpt, tmp_path / "straight", **quiet)
+    distill(load_distill_recipe(rec, over + ["train.max_minutes=1e-9"]), tiny_ckpt, tmp_path / "resumed", **quiet)
+    distill(load_distill_recipe(rec, over), tiny_ckpt, tmp_path / "resumed", resume=True, **quiet)
+
+    def losses(run):
+        with open(run / "metrics.csv") as f:
+            return [(r["step"], r["loss"]) for r in csv.DictReader(f)]
+
+    assert [s for s, _ in losses(tmp_path / "straight")] == ["3", "6"]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_sigterm_while_reflow_makes_its_pairs_stops_between_chunks(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """SIGTERM (as SIGINT) during pair generation ends it after the chunk in hand: exit 143 with the resume
+    command; the resumed run makes only the missing chunk."""
+    import os
+    import signal
+
+    from diffcli.distill import reflow
+
+    rec = _write(tmp_path, "rf.toml", RECIPES["reflow"])
+    run = tmp_path / "run"
+    sets = [a for o in ["train.max_steps=2"] + STEPS for a in ("--set", o)]
+    made = reflow.generate
+
+    def then_sigterm(*a, **k):
+        out = made(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(reflow, "generate", then_sigterm)
+    rc = cli_main(["distill", str(rec), "--teacher", str(tiny_ckpt), "--out", str(run), *sets])
+    err = capsys.readouterr().err
+    assert rc == 143 and "while preparing the reflow run" in err and "--resume" in err, err
+    assert [p.name for p in (run / "pairs").glob("chunk_*.safetensors")] == ["chunk_000000.safetensors"]
+    monkeypatch.setattr(reflow, "generate", made)
+    assert cli_main(["distill", "--out", str(run), "--resume"]) == 0, capsys.readouterr().err
+    assert len(list((run / "pairs").glob("chunk_*.safetensors"))) == 2

@@ -41,6 +41,26 @@ def test_resume_is_bit_exact(tiny_recipe_path, tmp_path, channels_last):
             == load_file(str(resumed / "last.safetensors"))["conv_out.weight"]).all()
 
 
+def test_a_stop_between_log_rows_resumes_into_the_same_rows(tiny_recipe_path, tmp_path):
+    """A stop between two log rows (here the time budget after step 1; a signal takes the same path) writes a
+    row of its own and keeps its loss window in the state: the resumed run drops that row and goes on adding,
+    so metrics.csv's loss column and the final state equal an uninterrupted run's."""
+    over = ["train.max_steps=9", "train.checkpoint_every=6", "train.sample_every=1000", "train.log_every=3",
+            "train.sample_grid=4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(load_recipe(tiny_recipe_path, over), straight, **QUIET)
+    res = train(load_recipe(tiny_recipe_path, over + ["train.max_minutes=1e-9"]), resumed, **QUIET)
+    assert res.stopped_by == "max_minutes" and res.step == 1
+    assert [s for s, _ in _loss_column(resumed)] == ["1"]  # the stop's own row
+    assert "window.loss_sum" in load_file(str(resumed / "checkpoints/step_0000001.state.safetensors"))
+    train(load_recipe(tiny_recipe_path, over), resumed, resume=True, **QUIET)
+    assert _loss_column(resumed) == _loss_column(straight)
+    assert [s for s, _ in _loss_column(straight)] == ["3", "6", "9"]
+    a = load_file(str(straight / "checkpoints/step_0000009.state.safetensors"))
+    b = load_file(str(resumed / "checkpoints/step_0000009.state.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_run_folder_is_never_overwritten(tiny_recipe_path, tmp_path):
     out = tmp_path / "run"
     rec = load_recipe(tiny_recipe_path, ["train.max_steps=2", "train.sample_grid=4"])

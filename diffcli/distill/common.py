@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
+import signal
 import time
 from pathlib import Path
 
@@ -34,8 +36,9 @@ from ..generate import SampleSettings, generate
 from ..images import save_grid
 from ..recipes import DistillRecipe, Recipe, load_distill_recipe
 from ..runtime import mix_seed, progress, resolve_device
-from ..train import (Batches, _MetricsWriter, _retain, _Signals, _truncate_metrics, ema_beta, latest_state,
-                     load_state, lr_at, make_optimizer, prepare_run_folder, remove_run_entry, save_state)
+from ..train import (RUN_FOLDER_NAMES, Batches, LossWindow, _MetricsWriter, _retain, _Signals, _truncate_metrics,
+                     check_run_folder, ema_beta, latest_state, load_state, lr_at, make_optimizer, prepare_run_folder,
+                     remove_run_entry, save_state)
 
 EXTRA_RUN_FILES = ("students", "pairs", "pairs_flow", "distill.json", "teacher.json")
 # teacher.json: {"path", "sha256"} of the run's teacher, written when the run starts, so that a run stopped
@@ -84,8 +87,16 @@ class Method:
 
     name = ""
 
+    # Whether a guidance-distilled student (a network with the scale w as an input) may be the teacher: only
+    # progressive continues one (stage two of Meng et al. 2023); the others build a student without the w input.
+    takes_guidance_teacher = False
+
     def __init__(self, recipe: DistillRecipe, teacher: LoadedCheckpoint) -> None:
         self.recipe, self.cfg, self.teacher = recipe, recipe.config, teacher
+        if teacher.denoiser.guidance_input and not self.takes_guidance_teacher:
+            raise UserError(f"--teacher {str(teacher.path)!r} is a guidance-distilled student (it takes the scale w "
+                            f"as an input); method = {recipe.method!r} cannot distill it — continue it with "
+                            f"method = 'progressive' (stage two), or distill its own teacher")
 
     # what the student is
     def student_recipe(self, steps: int | None = None) -> Recipe:
@@ -215,10 +226,13 @@ def recorded_teacher(out: Path) -> Path | None:
 
 
 def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resume: bool = False,
-            force: bool = False, device: str | None = None, log=print, show_progress: bool = True) -> dict:
-    """Distill the teacher checkpoint into students in the run folder `out`; returns the distill.json summary."""
+            force: bool = False, device: str | None = None, log=print, show_progress: bool = True,
+            teacher_given: bool = True) -> dict:
+    """Distill the teacher checkpoint into students in the run folder `out`; returns the distill.json summary.
+    `teacher_given`: False when the teacher is the one the run recorded (--resume without --teacher)."""
     t = recipe.train
-    dev = resolve_device(device or t.device)
+    check_run_folder(out, resume=resume, force=force)
+    dev = resolve_device(device or t.device, "--device" if device else "train.device")
     teacher = load_teacher(teacher_path, dev)
     method = get_method(recipe, teacher)  # validates the method against the teacher before anything is written
     if force and not resume and Path(teacher.path).resolve().is_relative_to(Path(out).resolve()):
@@ -239,6 +253,9 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
         student = _newest_student(out)
         was = read_header(student)[1].get("teacher_sha256") if student is not None else _recorded(ran_with, "sha256")
         if was is not None and was != teacher_hash:
+            if not teacher_given:
+                raise UserError(f"--resume {str(out)!r}: the run's teacher {str(teacher.path)!r} has changed since "
+                                f"(sha256 {was} then, {teacher_hash} now); restore it or give --teacher CKPT")
             raise UserError(f"--resume {str(out)!r}: the run was distilled from a teacher with sha256 {was}, but "
                             f"--teacher {str(teacher.path)!r} has {teacher_hash}; resume with the run's own teacher")
     recipe = prepare_run_folder(out, recipe, resume=resume, force=force, loader=load_distill_recipe)
@@ -254,11 +271,12 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
     eng.ema = copy.deepcopy(eng.student).eval().requires_grad_(False)
     eng.opt = make_optimizer(eng.student.net.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
     total = method.total_steps()
-    start = 0
+    start, resumed_window = 0, LossWindow()
     if resume:
         found = latest_state(out)
         if found is not None:
-            start = load_state(found[1], eng.student.net, eng.ema.net, eng.opt, expect_step=found[0])
+            start = load_state(found[1], eng.student.net, eng.ema.net, eng.opt, expect_step=found[0],
+                               window=resumed_window)
             log(f"resumed {out} at step {start}")
     done = out / "distill.json"
     if resume and start >= total and (out / "last.safetensors").is_file() and done.is_file():
@@ -268,33 +286,44 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
             return json.loads(done.read_text())
         except (OSError, ValueError):
             pass  # an unreadable summary is rewritten below from what the run holds
-    _truncate_metrics(out / "metrics.csv", start)
+    _truncate_metrics(out / "metrics.csv", start, resumed_window)
+    # reflow makes its pairs here, chunk by chunk, before any training step: SIGINT/SIGTERM end it between two
+    # chunks (a second one at once), with the resume command, as in the training loop
+    sigs = _Signals()
+    eng.stop_requested = lambda: sigs.received is not None
     try:
-        method.prepare(eng)  # reflow makes its pairs here, chunk by chunk, before any training step
+        with sigs:
+            method.prepare(eng)
+            if sigs.received:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted at step {start}, while preparing the {method.name} run (what it made is "
                           f"kept). Resume with: diffcli distill {out / 'recipe.toml'} --teacher {teacher.path} "
-                          f"--out {out} --resume", 130) from None
+                          f"--out {out} --resume", 128 + (sigs.received or signal.SIGINT)) from None
     params = list(eng.student.net.parameters())
     ema_params = list(eng.ema.net.parameters())
     finished = method.finished_students()
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int, window: LossWindow | None = None) -> Path:
         for p in params:
             if not torch.isfinite(p).all():
                 raise RunFailure(f"step {step}: weights became non-finite; no checkpoint written")
         ck = out / "checkpoints" / f"step_{step:07d}.safetensors"
         save_state(out / "checkpoints" / f"step_{step:07d}.state.safetensors", step, recipe, eng.student.net,
-                   eng.ema.net, eng.opt)
+                   eng.ema.net, eng.opt, window)
         eng.save_student(ck, step)
         _retain(out / "checkpoints", t.keep_last)
         return ck
 
     metrics = _MetricsWriter(out / "metrics.csv")
+    if resumed_window.steps:  # the dropped stop row's clock
+        metrics.seconds_before = resumed_window.seconds
     t0 = time.perf_counter()
-    step, window, window_imgs, window_t, last_ck, loss_v = start, [], 0, time.perf_counter(), None, float("nan")
+    step, window_imgs, window_t, last_ck, loss_v = start, 0, time.perf_counter(), None, float("nan")
+    # the loss sum and count since the last row; a stop between rows left its window in the state
+    win_sum, win_n = resumed_window.loss_sum, resumed_window.steps
     eng.student.train()
-    with _Signals() as sigs, progress() as bar:
+    with sigs, progress() as bar:
         task = bar.add_task(f"distill ({method.name})", total=total, completed=start, info="",
                             visible=show_progress)
         while step < total:
@@ -318,7 +347,7 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
             torch._foreach_lerp_(ema_params, params, 1 - method.ema_decay(step))
             for b_ema, b in zip(eng.ema.net.buffers(), eng.student.net.buffers()):
                 b_ema.copy_(b)
-            window.append(loss_v)
+            win_sum, win_n = win_sum + loss_v, win_n + 1
             window_imgs += x0.shape[0]
             step += 1
             bar.update(task, completed=step, info=f"loss {loss_v:.4f}")
@@ -327,16 +356,19 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
             if step in finished:
                 eng.save_student(out / "students" / f"steps_{finished[step]:03d}.safetensors", step, finished[step])
                 log(f"step {step}: student with {finished[step]} step(s) → students/steps_{finished[step]:03d}.safetensors")
-            if (step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == total or budget
-                    or signalled or step in finished):
+            log_row = step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == total or step in finished
+            stop_window = None
+            if log_row or budget or signalled:
                 now = time.perf_counter()
-                metrics.write([step, f"{sum(window) / len(window):.8g}", f"{lr:.6g}",
-                               f"{window_imgs / max(now - window_t, 1e-9):.1f}",
-                               f"{metrics.seconds_before + now - t0:.2f}"])
-                window, window_imgs, window_t = [], 0, now
+                seconds = metrics.seconds_before + now - t0
+                metrics.write([step, f"{win_sum / win_n:.8g}", f"{lr:.6g}",
+                               f"{window_imgs / max(now - window_t, 1e-9):.1f}", f"{seconds:.2f}"])
+                if not log_row:  # a stop between log rows: the state keeps its window for a resume
+                    stop_window = LossWindow(win_sum, win_n, seconds)
+                win_sum, win_n, window_imgs, window_t = 0.0, 0, 0, now
             if step % t.checkpoint_every == 0 or step == total or budget or signalled or step in finished:
                 with sigs.saving(step):
-                    last_ck = checkpoint(step)
+                    last_ck = checkpoint(step, stop_window)
             if step % t.sample_every == 0 or step == total:
                 eng.sample_grid(out / "samples" / f"step_{step:07d}.png", t.sample_grid)
             if signalled:
@@ -351,15 +383,23 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
     final = out / "last.safetensors"
     eng.save_student(final, step)
     eng.ema.eval()
-    summary = {"method": method.name, "teacher": str(teacher.path), "teacher_sha256": eng.teacher_hash,
+    summary = {"method": method.name, "teacher": str(Path(teacher.path).resolve()), "teacher_sha256": eng.teacher_hash,
                "steps": step, "total_steps": total,
                "seconds": round(metrics.seconds_before + time.perf_counter() - t0, 2),
                # None: no step taken (JSON has no NaN)
                "last_loss": loss_v if math.isfinite(loss_v) else None,
-               "students": sorted(str(p.relative_to(out)) for p in (out / "students").glob("*"))
-               if (out / "students").exists() else [], **method.report(eng)}
+               "students": run_students(out), **method.report(eng)}
     atomic_write_text(out / "distill.json", json.dumps(summary, indent=2))
     return summary
+
+
+def run_students(out: Path) -> list[str]:
+    """The students a run wrote, relative to `out` (students/steps_NNN.safetensors, a reflow's flow.safetensors);
+    other files a user put in students/ are kept there but are not the run's."""
+    pattern = RUN_FOLDER_NAMES["students"]
+    folder = out / "students"
+    return sorted(str(p.relative_to(out)) for p in folder.iterdir() if re.fullmatch(pattern, p.name)
+                  and p.is_file()) if folder.is_dir() else []
 
 
 def _cosine_lr(recipe: DistillRecipe, step: int, total: int) -> float:

@@ -78,6 +78,7 @@ def teacher_w_range(teacher) -> tuple[float, float]:
 class Progressive(Method):
     name = "progressive"
     budget_fixed_on_resume, budget_parts = True, "equal rounds"
+    takes_guidance_teacher = True
 
     def __init__(self, recipe, teacher) -> None:
         super().__init__(recipe, teacher)

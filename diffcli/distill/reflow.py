@@ -65,10 +65,11 @@ def pair_chunk(folder: Path, start: int) -> Path:
 
 def make_pairs(teacher, channels: int, resolution: int, *, folder: Path, n: int, chunk: int, seed: int,
                sampler: str, steps: int, cfg: float, device: torch.device, log=print,
-               source: dict[str, str] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+               source: dict[str, str] | None = None, stop=None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Generate (or load, resuming) n pairs into `folder`: returns noise z (n, C, H, W), samples x (n, C, H, W)
     float32 and labels (n,) or None. `source` (the teacher's path and sha256) goes into every chunk: a resume
-    interrupted before the first student finds its teacher there, and a chunk of another teacher is refused."""
+    interrupted before the first student finds its teacher there, and a chunk of another teacher is refused.
+    `stop()`, asked before each new chunk, ends the generation (KeyboardInterrupt) between two whole chunks."""
     folder.mkdir(parents=True, exist_ok=True)
     settings = SampleSettings(sampler=sampler, steps=steps, n=n, seed=seed, cfg=cfg, batch_size=chunk)
     key = {"sampler": sampler, "steps": str(steps), "seed": str(seed), "cfg": repr(cfg), "n": str(n)}
@@ -86,6 +87,8 @@ def make_pairs(teacher, channels: int, resolution: int, *, folder: Path, n: int,
                 raise UserError(f"{path}: pairs were made by a teacher with sha256 {was}, not --teacher "
                                 f"{source['teacher']!r} ({source['teacher_sha256']}); resume with the run's own teacher")
         else:
+            if stop is not None and stop():
+                raise KeyboardInterrupt
             x, rec = generate(teacher, channels, resolution, settings, device=device, indices=range(a, b),
                               show_progress=False)
             z = torch.stack([torch.randn(channels, resolution, resolution, generator=sample_generator(seed, i))
@@ -144,7 +147,8 @@ class Reflow(Method):
                   if folder == "pairs" else None)  # the second reflow's pairs come from the run's own student
         return make_pairs(denoiser, eng.channels, eng.resolution, folder=eng.out / folder, n=c.num_pairs,
                           chunk=c.chunk_size, seed=t.seed, sampler=c.pair_sampler, steps=c.pair_steps, cfg=cfg,
-                          device=eng.dev, log=eng.log, source=source)
+                          device=eng.dev, log=eng.log, source=source,
+                          stop=getattr(eng, "stop_requested", None) if folder == "pairs" else None)
 
     def prepare(self, eng) -> None:
         c, t = self.cfg, self.recipe.train
