@@ -199,8 +199,10 @@ def sample(
                           info.cost_text, sched, info.description)
         from rich.console import Console
 
-        # piped or in a CI log rich would fold the table into 80 columns and cut the names: give it room
-        Console(width=None if sys.stdout.isatty() else 200).print(table)
+        # piped or in a CI log rich would fold the table into 80 columns and cut the names: give it room,
+        # unless COLUMNS says how wide (rich honours it)
+        wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+        Console(width=None if wide else 200).print(table)
         return
     if checkpoint is None:
         raise UserError("sample needs a CHECKPOINT (a .safetensors file)")
@@ -411,6 +413,9 @@ def encode(
 
     if probes is not None and not nll:  # an option that would change nothing is a mistake worth naming
         raise UserError(f"--probes {probes}: sets the trace estimator of --nll; it needs --nll")
+    if probes is not None and exact_divergence:
+        raise UserError(f"--probes {probes}: --exact-divergence computes the trace exactly (no probes); give one "
+                        f"of them")
     if frames is not None and not interpolate:
         raise UserError(f"--frames {frames}: the frame count of --interpolate; it needs --interpolate")
     s = EncodeSettings(solver=solver, nfe=nfe, rtol=rtol, schedule=schedule, class_id=class_id, cfg=cfg, nll=nll,

@@ -149,7 +149,10 @@ def read_image(path: Path, channels: int | None, resolution: int | None,
             mode = im.mode
             c = image_channels(mode)
             if channels is not None and c != channels:
-                raise UserError(f"{path}: has {c} colour channel(s) (mode {mode}), the dataset has {channels}")
+                kind = {1: "greyscale (1 channel)", 3: "RGB (3 channels)"}
+                raise UserError(f"{path}: is {kind.get(c, f'{c}-channel')} (PIL mode {mode}"
+                                f"{', alpha not counted' if 'A' in mode else ''}), the dataset is "
+                                f"{kind.get(channels, f'{channels}-channel')}")
             if mode in ("I", "F") or mode.startswith("I;16"):
                 im = _to_8bit(im)
             im = im.convert("L" if c == 1 else "RGB")

@@ -772,9 +772,11 @@ def read_latents(path: Path, ck) -> tuple[Tensor, Tensor | None, ODESpec, dict[s
                         f"but {str(ck.path)!r} has {want}; decode with the checkpoint that encoded it")
     z = tensors.get("latents")
     shape = (ck.channels, ck.resolution, ck.resolution)
-    if z is None or z.ndim != 4 or tuple(z.shape[1:]) != shape:
+    if z is None:
+        raise UserError(f"--decode {str(path)!r}: holds no tensor 'latents' (it has {sorted(tensors) or 'none'})")
+    if z.ndim != 4 or tuple(z.shape[1:]) != shape:
         raise UserError(f"--decode {str(path)!r}: tensor 'latents' has shape "
-                        f"{None if z is None else tuple(z.shape)}, expected (N, {', '.join(map(str, shape))})")
+                        f"{tuple(z.shape)}, expected (N, {', '.join(map(str, shape))})")
     if not torch.isfinite(z).all():
         raise UserError(f"--decode {str(path)!r}: tensor 'latents' has non-finite values")
     labels = tensors.get("labels")

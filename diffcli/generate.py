@@ -258,8 +258,9 @@ def resolve_tuned_schedule(ck: LoadedCheckpoint, s: SampleSettings, device: torc
     found = load_tuned_solver(path, s.sampler, s.steps)
     if found is None:
         have = ", ".join(tuned_keys(path)) or "none"
-        raise UserError(f"--schedule tuned: no tuned grid for {s.sampler} with {s.steps} steps in {path} (have: "
-                        f"{have}); create one with --tune-schedule")
+        nfe = SAMPLER_INFO[s.sampler].nfe(s.steps, **s.options)
+        raise UserError(f"--schedule tuned: no tuned grid for {s.sampler} with {s.steps} steps (NFE {nfe}) in {path} "
+                        f"(have: {have}); create one with --tune-schedule")
     check_tuned_for(path, f"{s.sampler}/steps{s.steps}", sha, s.cfg)
     sig, solver = found
     s.sigmas = [float(v) for v in sig]
@@ -361,10 +362,13 @@ def generate(denoiser, channels: int, resolution: int, s: SampleSettings, *, dev
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    # rk45 uses only its grid's ends (σ_max → σ_min, then the final denoise) and takes its own steps: it records
+    # those ends and no step count (its NFE is the count of its calls)
+    ends = sigmas[[0, -2, -1]] if info.adaptive else sigmas
     record = {
-        "sampler": s.sampler, "schedule": schedule, "steps": len(sigmas) - 1,
-        "adaptive": info.cost is None,  # rk45: `steps` is its grid, whose ends alone it uses
-        "nfe": max(nfes, default=0), "network_evaluations": net_evals, "sigmas": [float(v) for v in sigmas.cpu()],
+        "sampler": s.sampler, "schedule": schedule, "steps": None if info.adaptive else len(sigmas) - 1,
+        "adaptive": info.cost is None,
+        "nfe": max(nfes, default=0), "network_evaluations": net_evals, "sigmas": [float(v) for v in ends.cpu()],
         "seconds": round(seconds, 3), "options": opts, "tuned_solver": s.coefficients is not None,
         "labels": labels[idx].tolist() if labels is not None else None,
     }

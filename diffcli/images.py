@@ -73,24 +73,49 @@ def numbered_images(out: Path) -> list[Path]:
     return sorted(p for p in img.iterdir() if re.fullmatch(r"\d{6}\.png", p.name) and p.is_file())
 
 
+def _recorded_count(record: Path) -> int | None:
+    """The image count `n` of a diffcli sample.json / decode.json, or None when the file is not one diffcli
+    wrote (not JSON, or without its diffcli_version and n)."""
+    import json
+
+    try:
+        r = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(r, dict) or "diffcli_version" not in r or not isinstance(r.get("n"), int) or r["n"] < 0:
+        return None
+    return r["n"]
+
+
+def diffcli_images(out: Path, image_records: Sequence[str] = IMAGE_RECORDS) -> list[Path]:
+    """The images/NNNNNN.png in `out` that a diffcli record there says its run wrote: indices below its n."""
+    counts = [c for r in image_records if (out / r).is_file() and (c := _recorded_count(out / r)) is not None]
+    n = max(counts, default=0)
+    return [p for p in numbered_images(out) if int(p.stem) < n]
+
+
 def check_images_replaceable(out: Path) -> None:
-    """`--force` replaces what an earlier diffcli run wrote, never images it did not write: numbered PNGs in
-    out/images with no sample.json or decode.json beside them (a user's own images, an interrupted run's, or this
-    run's inputs) are refused before any work, naming the folder."""
-    found = numbered_images(out)
-    if found and not any((out / r).is_file() for r in IMAGE_RECORDS):
-        raise UserError(f"--out {str(out)!r}: images/ holds {len(found)} PNG file(s) such as {found[0].name!r} that "
-                        f"no sample.json or decode.json describes; --force replaces only diffcli's own output — "
-                        f"move them or choose another folder")
+    """`--force` replaces what an earlier diffcli run wrote, never what it did not write: a sample.json or
+    decode.json that is not diffcli's, and numbered PNGs in out/images that no diffcli record there accounts for
+    (a user's own images, an interrupted run's, this run's inputs, or more than the record's n), are refused
+    before any work, naming the folder."""
+    for r in IMAGE_RECORDS:
+        if (out / r).is_file() and _recorded_count(out / r) is None:
+            raise UserError(f"--out {str(out)!r}: {r} is not a record diffcli wrote (no diffcli_version and n); "
+                            f"--force replaces only diffcli's own output — move it or choose another folder")
+    ours = set(diffcli_images(out))
+    strays = [p for p in numbered_images(out) if p not in ours]
+    if strays:
+        raise UserError(f"--out {str(out)!r}: images/ holds {len(strays)} PNG file(s) such as {strays[0].name!r} "
+                        f"that no sample.json or decode.json describes; --force replaces only diffcli's own output "
+                        f"— move them or choose another folder")
 
 
 def outputs_to_clear(out: Path, names: Sequence[str], image_records: Sequence[str] = IMAGE_RECORDS) -> list[Path]:
-    """The files `clear_outputs` would remove: `names`, and images/NNNNNN.png when one of `image_records` shows
-    a diffcli run wrote them."""
+    """The files `clear_outputs` would remove: `names`, and the images/NNNNNN.png that one of `image_records`
+    shows a diffcli run wrote."""
     found = [out / n for n in names if (out / n).is_file() or (out / n).is_symlink()]
-    if any((out / r).is_file() for r in image_records):
-        found += numbered_images(out)
-    return found
+    return found + diffcli_images(out, image_records)
 
 
 def check_inputs_survive(out: Path, names: Sequence[str], inputs: Sequence[Path],

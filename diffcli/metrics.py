@@ -520,7 +520,10 @@ def _plan(opts: EvalOptions, ck, notes: list[str] | None = None) -> list[tuple[s
     alone, a step count or NFE for it is refused (it would be ignored)."""
     from .samplers import SAMPLER_INFO
 
-    names = [s.strip() for s in (opts.sampler or ck.recipe.sample.sampler).split(",") if s.strip()]
+    names = [s.strip() for s in (opts.sampler or ck.recipe.sample.sampler).split(",")]
+    if not all(names):
+        raise UserError(f"--sampler {opts.sampler!r}: an empty name in the list; give names separated by commas "
+                        f"(e.g. ddim,heun)")
     for s in names:
         if s not in SAMPLER_INFO:
             raise UserError(f"--sampler {s!r}: unknown; choose one of {', '.join(SAMPLER_INFO)}")

@@ -47,7 +47,7 @@ def test_imagefolder_bad_files(tmp_path):
     assert len(d) == 1 and d.skipped == 1 and d.channels == 1
     (tmp_path / "b.png").unlink()
     _img(tmp_path / "c.png", (8, 8), (1, 2, 3))
-    with pytest.raises(UserError, match="c.png.*3 colour channel"):
+    with pytest.raises(UserError, match=r"c.png: is RGB \(3 channels\)"):
         load_dataset(DataConfig(name="imagefolder", path=str(tmp_path), on_bad_image="fail"))
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -401,6 +401,19 @@ def test_force_replaces_diffcli_output_and_never_other_images(tiny_ckpt, encoded
         r = run_cli(*argv, "--out", mine, "--force")
         assert r.returncode == 2 and "000000.png" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (mine / "images" / "000000.png").read_bytes() == before
+    # a numbered PNG beyond the n its sample.json records, and a sample.json that diffcli did not write: both
+    # are the user's, refused and kept
+    beyond = tmp_path / "beyond"
+    assert run_cli("sample", tiny_ckpt, "--steps", "2", "--n", "2", "--out", beyond).returncode == 0
+    shutil.copy(mine / "images" / "000000.png", beyond / "images" / "000007.png")
+    r = run_cli("sample", tiny_ckpt, "--steps", "2", "--n", "2", "--out", beyond, "--force")
+    assert r.returncode == 2 and "000007.png" in r.stderr, r.stderr
+    assert (beyond / "images" / "000007.png").read_bytes() == before
+    (mine / "sample.json").write_text('{"note": "my own"}')
+    r = run_cli("sample", tiny_ckpt, "--steps", "2", "--n", "2", "--out", mine, "--force")
+    assert r.returncode == 2 and "sample.json is not a record diffcli wrote" in r.stderr, r.stderr
+    assert (mine / "sample.json").read_text() == '{"note": "my own"}'
+    assert (mine / "images" / "000000.png").read_bytes() == before
     # a decode into a sample folder takes the sample's record and grid with the images it replaces
     assert run_cli("encode", tiny_ckpt, "--decode", encoded / "latents.safetensors", "--out", smp,
                    "--force").returncode == 0

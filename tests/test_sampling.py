@@ -119,7 +119,8 @@ def test_adaptive_sampler_reports_its_grid_ends_not_steps(tiny_ckpt, tmp_path):
     r = run_cli("sample", tiny_ckpt, "--sampler", "rk45", "--n", "2", "--out", out)
     assert r.returncode == 0, r.stderr
     rec = json.loads((out / "sample.json").read_text())
-    assert rec["adaptive"] is True and rec["nfe"] > rec["steps"]
+    assert rec["adaptive"] is True and rec["steps"] is None and rec["nfe"] > 3
+    assert len(rec["sigmas"]) == 3 and rec["sigmas"][-1] == 0  # σ_max, σ_min, then the final denoise
     assert "rk45 (adaptive" in r.stdout + r.stderr
 
 
