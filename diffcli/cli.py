@@ -45,20 +45,28 @@ def _console():
     return Console(stderr=True, highlight=False)
 
 
+def _escape(text: str) -> str:
+    """Text shown through rich as it is: a path or formula with [brackets] is not markup."""
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def _lines(con):
     """The progress log of a long command: one message per line at any terminal width — rich wraps at 80 columns
     when stderr is a pipe (CI logs, `2> log`), which would split a line that scripts grep."""
-    return lambda msg: con.print(msg, soft_wrap=True)
+    return lambda msg: con.print(msg, soft_wrap=True, markup=False)  # paths and formulas may hold [brackets]
 
 
 def _table(title: str, rows: list[tuple[str, str]]):
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for k, v in rows:
-        table.add_row(k, v)
+        table.add_row(k, Text(v))  # values as they are: a path with [brackets] is not markup
     return table
 
 
@@ -260,12 +268,18 @@ def sample(
         raise UserError(f"--class {class_id}: the model is unconditional (no classes); classifier guidance "
                         f"(--classifier CKPT --classifier-scale S) can pick a class for it")
     validate_settings(s, ck.denoiser.num_classes, ck.denoiser.guidance_input)
+    if world.is_main:
+        from .generate import sampling_warning
+
+        warning = sampling_warning(s, ck.denoiser, ck.meta)
+        if warning:
+            _console().print(f"[yellow]warning:[/] {_escape(warning)}", soft_wrap=True)
     if ck.denoiser.guidance_input and world.is_main:
         from .generate import guidance_range_warning
 
         warning = guidance_range_warning(s, ck.meta)
         if warning:
-            _console().print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+            _console().print(f"[yellow]warning:[/] {_escape(warning)}", soft_wrap=True)
     from .classifier import guiding_classifier
 
     clf = guiding_classifier(classifier, classifier_scale, ck.meta, ck.denoiser.num_classes, dev, class_id)
@@ -530,7 +544,7 @@ def eval_fid(
     else:
         con.print(sweep_table(res.records))
     for w in res.warnings:
-        con.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+        con.print(f"[yellow]warning:[/] {_escape(w)}", soft_wrap=True)
     for f in res.files:
         con.print(f"wrote {f}")
 

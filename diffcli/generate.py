@@ -115,6 +115,25 @@ def guidance_range_warning(s: SampleSettings, meta: dict) -> str | None:
             f"it extrapolates")
 
 
+def sampling_warning(s: SampleSettings, ck_denoiser, meta: dict) -> str | None:
+    """A warning when the settings leave what the model was made for: the consistency sampler on a model that
+    is not a consistency model (each jump returns D(x, σ) = E[x0 | x], a blurred mean), or a progressive
+    student sampled off the grid it was distilled for (it learned those steps only)."""
+    if s.sampler == "consistency" and ck_denoiser.parameterization != "consistency":
+        return (f"--sampler consistency is for consistency models (diffcli distill, method = 'consistency'); this "
+                f"model's parameterization is {ck_denoiser.parameterization!r}, so each jump returns its "
+                f"posterior mean E[x0 | x] — blurred samples; use an ODE sampler")
+    student = getattr(ck_denoiser, "student_grid", None)
+    if (student is not None and meta.get("distill_method") == "progressive" and s.sigmas is None
+            and s.schedule != "tuned"):
+        if labelled_sigma_grid(ck_denoiser, s)[1] != "student":
+            n = len(_valid_grid(student[1])) - 1
+            return (f"this progressive student was distilled for {n} {student[0]} step{'' if n == 1 else 's'} on "
+                    f"its own grid; {s.sampler} at {s.steps} step{'' if s.steps == 1 else 's'} leaves what it "
+                    f"learned (sample it without --sampler/--steps/--schedule to use its grid)")
+    return None
+
+
 def check_scale(flag: str, value: float) -> None:
     """A guidance scale must be a finite number ≥ 0: NaN passed a plain `< 0` test, sampled black images and
     wrote NaN (not JSON) into sample.json."""

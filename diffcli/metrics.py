@@ -618,7 +618,7 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
     default_ref = None
     if _is_checkpoint(g):
         from .checkpoint import file_hash, load_checkpoint
-        from .generate import SampleSettings, validate_settings
+        from .generate import SampleSettings, sampling_warning, validate_settings
 
         p.ck_hash = file_hash(g)  # before loading: the hash names the weights that are evaluated
         p.ck = ck = load_checkpoint(g, dev)
@@ -630,6 +630,8 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
                                classifier=str(opts.classifier) if opts.classifier else None,
                                classifier_scale=opts.classifier_scale)
             validate_settings(s, ck.denoiser.num_classes)
+            if (w := sampling_warning(s, ck.denoiser, ck.meta)) is not None and w not in p.warnings:
+                p.warnings.append(w)
             if s.schedule == "tuned":  # the solver learned by `diffcli sample --tune-schedule`, from the sidecar
                 from .generate import resolve_tuned_schedule
 

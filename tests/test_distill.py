@@ -391,6 +391,16 @@ def test_cli_distill_end_to_end(variant, tiny_ckpt, tmp_path, capsys):
     assert info["schedule"] == "student"  # the student's own grid, not a named schedule
     nfe = {"progressive": 2, "consistency": 1, "guidance": 3, "reflow": 1, "reflow-distill": 2}
     assert info["nfe"] == nfe.get(variant, nfe[method])
+    if method == "progressive":  # off its own grid a progressive student warns (it learned those steps only)
+        capsys.readouterr()
+        assert cli_main(["sample", str(student), "--n", "2", "--steps", "5", "--out", str(tmp_path / "off"),
+                         "--device", "cpu"]) == 0
+        assert "progressive student was distilled for 2 ddim steps" in capsys.readouterr().err.replace("\n", " ")
+    if method == "consistency":  # the consistency sampler on a model that is not one warns
+        capsys.readouterr()
+        assert cli_main(["sample", str(tiny_ckpt), "--sampler", "consistency", "--steps", "1", "--n", "2", "--out",
+                         str(tmp_path / "cs"), "--device", "cpu"]) == 0
+        assert "is for consistency models" in capsys.readouterr().err
     if method == "progressive":  # the student's own sampler and steps, spelled out, keep its grid (eval-fid does so)
         from diffcli.checkpoint import load_checkpoint
         from diffcli.generate import SampleSettings, sigma_grid
