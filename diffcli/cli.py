@@ -106,6 +106,10 @@ def train(
     from .recipes import load_recipe
 
     overrides = list(set_) + _max_steps_override(max_steps)
+    if out is not None:  # the folder's own refusals (--resume with --force, no run to resume) come first
+        from .train import check_run_folder
+
+        check_run_folder(out, resume=resume, force=force)
     if recipe is None:
         if not (resume and out is not None):
             raise UserError("train needs a RECIPE (or --out RUN --resume to continue a run with its own recipe)")
@@ -152,7 +156,7 @@ def sample(
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale (1 = none) "
                                         "(default: recipe's sample.cfg, 1 unless the checkpoint sets it)."),
     class_id: Optional[int] = typer.Option(None, "--class", help="Class id for every image (default: cycle)."),
-    n: int = typer.Option(64, "--n", "-n", help="Number of images."),
+    n: Optional[int] = typer.Option(None, "--n", "-n", help="Number of images (default: recipe's sample.n)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per batch (results do not depend on it)."),
     seed: int = typer.Option(0, "--seed", help="Run seed; image i depends only on (seed, i)."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Sample folder."),
@@ -247,6 +251,7 @@ def sample(
         raise UserError(f"--steps {steps}: {name} is adaptive (it takes its own steps, their number follows from "
                         f"--rtol); use --rtol")
     steps = steps if steps is not None else rs.steps
+    n = n if n is not None else rs.n
     if cfg is None:  # e.g. a guidance-distilled student records the middle of its w range
         cfg = rs.cfg if ck.denoiser.num_classes else 1.0
     if steps < 1:
@@ -406,7 +411,8 @@ def encode(
     cfg: float = typer.Option(1.0, "--cfg", help="Guidance scale; ≠ 1 breaks exact invertibility."),
     seed: int = typer.Option(0, "--seed", help="Seed of dequantization noise and probes (per image)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per batch."),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out: first removes the earlier "
+                               "run's own files there (others stay)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
 ) -> None:
     """Invert images through the probability-flow ODE: latents, reconstruction error, interpolation, bits/dim.
@@ -500,7 +506,8 @@ def eval_fid(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute reference statistics (and do not store them)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the protocol record (every field) here."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep folder: eval_fid.csv, .png and .json."),
-    force: bool = typer.Option(False, "--force", help="Replace the eval_fid.* of an earlier sweep in --out."),
+    force: bool = typer.Option(False, "--force", help="Replace the eval_fid.* of an earlier sweep in --out, or "
+                               "an earlier --json record."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     nproc: int = typer.Option(1, "--nproc", help="Processes (devices) to generate on: launches torchrun."),
 ) -> None:

@@ -510,6 +510,17 @@ class EvalResult:
     warnings: list[str]
 
 
+def _is_eval_record(p: Path) -> bool:
+    """Whether `p` is an eval-fid --json record (one evaluation, or a sweep's list of them)."""
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    recs = doc.get("sweep") if isinstance(doc, dict) and "sweep" in doc else [doc]
+    return isinstance(recs, list) and bool(recs) and all(
+        isinstance(r, dict) and "diffcli_version" in r and "metrics" in r for r in recs)
+
+
 def _is_checkpoint(p: Path) -> bool:
     return p.is_file() and p.suffix == ".safetensors"
 
@@ -608,6 +619,13 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
             raise UserError(f"--json {str(jp)!r} is a folder; give a file name (e.g. {str(jp / 'fid.json')!r})")
         if not jp.parent.is_dir():
             raise UserError(f"--json {str(jp)!r}: folder {str(jp.parent)!r} does not exist")
+        if jp.exists() or jp.is_symlink():  # never a user's file lost to a second run
+            if not opts.force:
+                raise UserError(f"--json {str(jp)!r} already exists; choose another file or pass --force to "
+                                f"replace an earlier eval-fid record")
+            if not _is_eval_record(jp):
+                raise UserError(f"--json {str(jp)!r} is not an eval-fid record; --force replaces only diffcli's "
+                                f"own output — move it or choose another file")
     g = Path(opts.generated)
     if not g.exists():
         raise UserError(f"GENERATED {str(g)!r}: does not exist (give a checkpoint, a sample folder or a folder)")

@@ -218,6 +218,14 @@ def test_eval_fid_generates_with_classifier_guidance(classifier_run, tiny_ckpt, 
     assert rec["classifier"] == str(clf) and rec["classifier_scale"] == 2.0 and rec["class_accuracy"] is not None
     assert main(["eval-fid", str(tiny_ckpt), *common, "--json", str(tmp_path / "u.json")]) == 0
     plain = json.loads((tmp_path / "u.json").read_text())
+    # a second run never overwrites the record silently; --force replaces diffcli's record, never a user's file
+    assert main(["eval-fid", str(tiny_ckpt), *common, "--json", str(tmp_path / "u.json")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["eval-fid", str(tiny_ckpt), *common, "--json", str(tmp_path / "u.json"), "--force"]) == 0
+    (tmp_path / "mine.json").write_text('{"mine": 1}')
+    assert main(["eval-fid", str(tiny_ckpt), *common, "--json", str(tmp_path / "mine.json"), "--force"]) == 2
+    assert "not an eval-fid record" in capsys.readouterr().err
+    assert (tmp_path / "mine.json").read_text() == '{"mine": 1}'
     assert plain["classifier"] is None and plain["metrics"]["fid"] != rec["metrics"]["fid"]  # it did guide
     assert main(["sample", str(tiny_ckpt), "--classifier", str(clf), "--classifier-scale", "2", "--n", "10",
                  "--steps", "2", "--sampler", "euler", "--out", str(tmp_path / "s")]) == 0
