@@ -124,9 +124,15 @@ def train(
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be ≥ 1")
     if nproc > 1:  # the recipe is valid and the folder usable: now hand over to torchrun
+        from .runtime import resolve_device
         from .train import check_run_folder
 
         check_run_folder(out, resume=resume, force=force)
+        # what needs no worker is checked here, once, before torchrun prints its banner and starts N of them
+        resolve_device(device or rec.train.device, "--device" if device else "train.device")
+        if rec.train.batch_size < nproc:
+            raise UserError(f"train.batch_size = {rec.train.batch_size} is smaller than the {nproc} processes "
+                            f"(--nproc {nproc}): each takes a share of the global batch")
         argv = [a for a in sys.argv[1:] if a != "--debug"]
         raise typer.Exit(_relaunch_without_nproc(nproc, argv))
     from .train import train as run_train  # torch loads only once the recipe is known to be good
@@ -143,6 +149,10 @@ def train(
         *([("device", res.device)] if res.device else []),
         ("checkpoint", str(res.out / "last.safetensors")),
     ]))
+    if res.stopped_by == "max_minutes":  # a clean stop (exit 0) that a script may want to continue
+        con.print(f"train.max_minutes spent at step {res.step} of {rec.train.max_steps}; continue with: diffcli "
+                  f"train --out {res.out} --resume (the budget applies again to each resume)", soft_wrap=True,
+                  markup=False)
 
 
 @app.command()
@@ -634,9 +644,34 @@ def openmp_wait_policy(environ=os.environ) -> None:
         environ["GOMP_SPINCOUNT"] = "3000"
 
 
+_TERMINATED: list[int] = []  # the SIGTERM that `_terminate_like_ctrl_c` turned into an interrupt, if one came
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the engines' own signal handling (start-up, sampling): handled like Ctrl-C, exit 143."""
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM's default kills the process without a word; before a training loop installs its own handler
+    (and after it restores this one) it takes Ctrl-C's path: `error: interrupted`, no partial output, 143."""
+    import signal
+
+    def handler(signum, frame):
+        _TERMINATED.append(signum)  # typer may turn the interrupt into a bare 130: main maps it back to 143
+        raise _Terminated
+
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and maps every error to its exit code and one line."""
     openmp_wait_policy()
+    _TERMINATED.clear()
+    _terminate_like_ctrl_c()
     cx = _click_exceptions()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -648,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             # typer turns Ctrl-C outside the engines' own signal handling into a silent return of 130 (a
             # torchrun relaunch passes on its workers' code, and they have said so themselves)
             _say_interrupted()
+            return 143 if _TERMINATED else 130
         return rc if isinstance(rc, int) else 0
     except DiffcliError as e:
         if getattr(e, "quiet", False):  # already reported by rank 0 of this torchrun job
@@ -669,12 +705,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (typer.Exit, getattr(cx, "Exit", typer.Exit)) as e:
         return e.exit_code
-    except (typer.Abort, getattr(cx, "Abort", typer.Abort)):
+    except (typer.Abort, getattr(cx, "Abort", typer.Abort)):  # click's wrapping of a KeyboardInterrupt
         _say_interrupted()
-        return 130
+        return 143 if _TERMINATED else 130
     except KeyboardInterrupt:
         _say_interrupted()
-        return 130
+        return 143 if _TERMINATED else 130
     except BrokenPipeError:
         return 1
     except OSError as e:  # e.g. out of disk in a write no engine wrapped: a runtime failure, one line

@@ -70,8 +70,13 @@ def _resize(images: Tensor, resolution: int) -> Tensor:
     return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
 
 
-def _torchvision_missing(name: str, root: str, err: Exception) -> UserError:
-    return UserError(f"data.name = {name!r}: not found under data.root = {root!r} ({err.__class__.__name__}). "
+def _torchvision_missing(name: str, root: str, err: Exception, download: bool = False) -> UserError:
+    """A torchvision dataset that is not on disk; with data.download = true, a download that failed."""
+    why = " ".join(str(err).split())[:160] or err.__class__.__name__
+    if download:
+        return UserError(f"data.name = {name!r}: not under data.root = {root!r} and the download failed ({why}); "
+                         f"check the network, or place the files there")
+    return UserError(f"data.name = {name!r}: not found under data.root = {root!r} ({why}). "
                      f"Set data.download = true (needs internet), or place the files there "
                      f"(`diffcli train RECIPE --set data.download=true` fetches them)")
 
@@ -85,7 +90,7 @@ def _load_torchvision(cfg: DataConfig) -> ImageData:
         try:
             ds = cls(cfg.root, train=train, download=cfg.download)
         except Exception as e:  # torchvision raises RuntimeError or URLError; both mean "not here"
-            raise _torchvision_missing(cfg.name, cfg.root, e) from None
+            raise _torchvision_missing(cfg.name, cfg.root, e, cfg.download) from None
         parts.append(ds)
     xs, ys = [], []
     for ds in parts:

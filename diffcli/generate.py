@@ -16,6 +16,7 @@ from .checkpoint import LoadedCheckpoint, atomic_write_text, file_hash
 from .errors import UserError
 from .guidance import ClassifierGuided, Conditioned, GuidanceInput
 from .images import clear_outputs, png_bytes, save_grid, to_uint8
+from .recipes import MAX_BATCH
 from .runtime import progress, sample_generator
 from .samplers import SAMPLER_INFO, SCHEDULES, NFECounter, get_sigmas
 
@@ -71,8 +72,8 @@ def validate_settings(s: SampleSettings, num_classes: int, guidance_input: bool 
         raise UserError(f"--steps {s.steps}: {s.sampler} needs at least {info.min_steps}")
     if s.n < 1:
         raise UserError(f"--n {s.n}: must be ≥ 1")
-    if s.batch_size < 1:
-        raise UserError(f"--batch-size {s.batch_size}: must be ≥ 1")
+    if not 1 <= s.batch_size <= MAX_BATCH:
+        raise UserError(f"--batch-size {s.batch_size}: must be in [1, {MAX_BATCH}]")
     if s.eta is not None and not 0 <= s.eta <= 1:
         raise UserError(f"--eta {s.eta}: must be in [0, 1]")
     if s.eta is not None and "eta" not in info.options:

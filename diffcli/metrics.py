@@ -597,8 +597,10 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
     metrics, explicit = parse_metrics(opts.metrics)
     if opts.n is not None and opts.n < 2:
         raise UserError(f"--n {opts.n}: at least 2 images are needed")
-    if opts.batch_size < 1:
-        raise UserError(f"--batch-size {opts.batch_size}: must be ≥ 1")
+    from .recipes import MAX_BATCH
+
+    if not 1 <= opts.batch_size <= MAX_BATCH:
+        raise UserError(f"--batch-size {opts.batch_size}: must be in [1, {MAX_BATCH}]")
     if opts.seed < 0:
         raise UserError(f"--seed {opts.seed}: must be ≥ 0")
     if opts.inception_weights is not None and not Path(opts.inception_weights).is_file():

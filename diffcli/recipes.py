@@ -41,8 +41,12 @@ def _number(v: Any) -> Any:
         raise ValueError(f"must be a number, not {json.dumps(v)}")
     if isinstance(v, float) and not math.isfinite(v):
         raise ValueError("must be a finite number")
+    if isinstance(v, int) and not -(2**63) <= v < 2**63:  # beyond int64 nothing downstream can hold it
+        raise ValueError(f"{v} is out of range (at most 2^63 - 1)")
     return v
 
+
+MAX_BATCH = 2**20  # images in one batch (train.batch_size, sample.batch_size, --batch-size)
 
 # TOML's numbers only: a boolean or a string in a number's place is a mistake, not a 1
 Int = Annotated[int, BeforeValidator(_number)]
@@ -130,7 +134,8 @@ class DiffusionConfig(_Strict):
 
 class TrainConfig(_Strict):
     seed: Int = Field(0, ge=0)
-    batch_size: Int = Field(128, ge=1)
+    # a batch is built in memory at once: 2^20 images is past any device's memory at any resolution here
+    batch_size: Int = Field(128, ge=1, le=MAX_BATCH)
     lr: Float = Field(1e-3, gt=0, le=1.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: Int = Field(0, ge=0)
@@ -195,7 +200,7 @@ class SampleConfig(_Strict):
     eta: Float = Field(0.0, ge=0, le=1)
     cfg: Float = Field(1.0, ge=0)
     n: Int = Field(64, ge=1)
-    batch_size: Int = Field(256, ge=1)
+    batch_size: Int = Field(256, ge=1, le=MAX_BATCH)
     seed: Int = Field(0, ge=0)
 
     # not "tuned": a tuned solver belongs to one checkpoint (`diffcli sample CKPT --schedule tuned`)

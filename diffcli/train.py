@@ -61,6 +61,11 @@ def check_run_folder(out: Path, *, resume: bool, force: bool) -> None:
     check_out_folder(out)
     if resume and force:
         raise UserError("--resume continues a run and --force deletes it: give one of them")
+    for name in RUN_FILES:  # an entry of the wrong kind: say so before anything reads, writes or removes it
+        p, folder = out / name, name in ("checkpoints", "samples")
+        if p.exists() and (p.is_dir() != folder):
+            raise UserError(f"--out {str(out)!r}: {name} is a {'folder' if p.is_dir() else 'file'}, where a run "
+                            f"keeps its {'folder' if folder else 'file'} of that name; move it away")
     if resume and not (out / "recipe.toml").exists():
         raise UserError(f"--resume: {str(out)!r} holds no run (no recipe.toml)")
     existing = [f for f in RUN_FILES if (out / f).exists()]
@@ -108,7 +113,10 @@ def prepare_run_folder(out: Path, recipe: Recipe, *, resume: bool, force: bool, 
     if existing:  # check_run_folder let it through: --force
         for f in existing:
             remove_run_entry(out / f)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a path that cannot be a folder here (/proc/x, a read-only place): bad input
+        raise UserError(f"--out {str(out)!r}: cannot create the run folder ({e.strerror or e})") from None
     _clean_run_temporaries(out)  # e.g. a first save killed before any run file existed
     return recipe
 
@@ -186,7 +194,11 @@ def latest_state(out: Path) -> tuple[int, Path] | None:
                         f"the checkpoint before it")
     from .checkpoint import read_header
 
-    read_header(models[step])  # a truncated model checkpoint is named now, not after hours of training
+    try:  # a truncated model checkpoint is named now, not after hours of training
+        read_header(models[step])
+    except UserError as e:
+        raise UserError(f"--resume: {e}; restore it, or delete {models[step].name} and {states[step].name} to "
+                        f"resume from the checkpoint before it") from None
     return step, states[step]
 
 
@@ -676,16 +688,31 @@ def _retain(folder: Path, keep: int) -> None:
             p.unlink(missing_ok=True)
 
 
+def _metrics_text(rows: list[list[str]]) -> bytes:
+    """metrics.csv's bytes: the header, then `rows`, with "\n" line ends (shell tools see no stray "\r")."""
+    return "".join(",".join(r) + "\n" for r in [METRICS_HEADER, *rows]).encode()
+
+
+def _metrics_rows(path: Path) -> list[list[str]]:
+    """The step rows of a metrics.csv (a missing header, or lines that are not step rows, are dropped)."""
+    try:
+        with open(path, newline="") as f:
+            return [r for r in csv.reader(f) if r and r[0].isdigit()]
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not the run's metrics file; move it away") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e}); move it away or repair "
+                        f"it") from None
+
+
 class _MetricsWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.seconds_before = 0.0  # the run's training seconds before this start: a resumed run's clock goes on
-        if not path.exists():
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(METRICS_HEADER)
+        if not path.exists() or path.stat().st_size == 0:  # written whole or not at all (a full disk, a kill)
+            atomic_write_bytes(path, _metrics_text([]))
             return
-        with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f) if r and r[0].isdigit()]
+        rows = _metrics_rows(path)
         try:
             self.seconds_before = float(rows[-1][METRICS_HEADER.index("seconds")]) if rows else 0.0
         except (ValueError, IndexError):
@@ -694,19 +721,16 @@ class _MetricsWriter:
     def write(self, row: list) -> None:
         try:
             with open(self.path, "a", newline="") as f:
-                csv.writer(f).writerow(row)
+                csv.writer(f, lineterminator="\n").writerow(row)
         except OSError as e:  # e.g. out of disk: a clean runtime failure, not a traceback
             raise RunFailure(f"cannot write {self.path}: {e.strerror or e}; the last checkpoint is intact") from None
 
 
 def _truncate_metrics(path: Path, step: int, window: LossWindow | None = None) -> None:
     """On resume, drop rows logged after the checkpoint we resume from (they will be logged again), and the
-    stop row at that step when its window goes on (`window` restored from the state)."""
-    if not path.exists():
+    stop row at that step when its window goes on (`window` restored from the state). The file is rewritten
+    with its header (a header lost to a full disk, or lines that are not step rows, are repaired)."""
+    if not path.exists() and not path.is_symlink():
         return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
     last = step - 1 if window is not None and window.steps else step
-    keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last] if rows else []
-    text = "".join(",".join(r) + "\r\n" for r in keep)
-    atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, _metrics_text([r for r in _metrics_rows(path) if int(r[0]) <= last]))

@@ -159,6 +159,11 @@ def ws(tmp_path_factory, tiny_recipe_path, tiny_ckpt) -> Path:
         Image.new("RGB", (8, 8), color=(40 * i, 0, 0)).save(w / "rgb_imgs" / f"{i}.png")
     (w / "foreign_out" / "images").mkdir(parents=True)  # a user's own numbered PNGs, no diffcli record beside
     Image.new("L", (8, 8)).save(w / "foreign_out" / "images" / "000000.png")
+    # run folders whose entries are of the wrong kind: a metrics.csv that is a folder, checkpoints that is a file
+    for name, odd in (("mdir_run", "metrics.csv"), ("ckfile_run", "checkpoints")):
+        (w / name).mkdir()
+        shutil.copy(w / "corrupt_run" / "recipe.toml", w / name / "recipe.toml")
+        (w / name / odd).mkdir() if odd.endswith(".csv") else (w / name / odd).write_text("x")
     (w / "cache").mkdir()
     return w
 
@@ -183,6 +188,15 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["--set", "not a section"]),
     ("train: device from the recipe", ["train", "{w}/tiny.toml", "--set", "train.device='tpu'", "--out", "{w}/o"],
      ["train.device 'tpu'", "not a device"]),
+    ("train: metrics.csv is a folder", ["train", "--out", "{w}/mdir_run", "--resume"],
+     ["metrics.csv is a folder", "move it away"]),
+    ("train: checkpoints is a file", ["train", "--out", "{w}/ckfile_run", "--resume"], ["checkpoints is a file"]),
+    ("train: batch size beyond int64", ["train", "{w}/tiny.toml", "--set", "train.batch_size=99999999999999999999",
+                                        "--out", "{w}/o"], ["train.batch_size", "out of range"]),
+    ("train: batch size too large", ["train", "{w}/tiny.toml", "--set", "train.batch_size=9999999", "--out",
+                                     "{w}/o"], ["train.batch_size = 9999999"]),
+    ("train: --out cannot be created", ["train", "{w}/tiny.toml", "--out", "/proc/diffcli_no_such/run"],
+     ["cannot create the run folder"]),
     ("train: --max-steps 0", ["train", "{w}/tiny.toml", "--max-steps", "0", "--out", "{w}/o"], ["--max-steps 0"]),
     ("train: --max-steps not a number", ["train", "{w}/tiny.toml", "--max-steps", "many", "--out", "{w}/o"],
      ["--max-steps"]),

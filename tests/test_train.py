@@ -61,6 +61,23 @@ def test_a_stop_between_log_rows_resumes_into_the_same_rows(tiny_recipe_path, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_repairs_a_metrics_file_that_lost_its_header(tiny_recipe_path, tmp_path):
+    """metrics.csv emptied by a full disk (or a user's edit) comes back on resume with its header and rows;
+    lines end in "\n" (no stray "\r" for shell tools)."""
+    over = ["train.max_steps=4", "train.checkpoint_every=2", "train.log_every=2", "train.sample_every=1000",
+            "train.sample_grid=4"]
+    run = tmp_path / "run"
+    train(load_recipe(tiny_recipe_path, ["train.max_steps=2"] + over[1:]), run, **QUIET)
+    (run / "metrics.csv").write_text("foo\nbar,baz\n")
+    train(load_recipe(tiny_recipe_path, over), run, resume=True, **QUIET)
+    text = (run / "metrics.csv").read_bytes()
+    assert b"\r" not in text and text.decode().splitlines()[0] == "step,loss,lr,images_per_s,seconds"
+    assert [s for s, _ in _loss_column(run)] == ["4"]
+    (run / "metrics.csv").write_bytes(b"")
+    train(load_recipe(tiny_recipe_path, over), tmp_path / "fresh", **QUIET)  # a fresh run writes it whole
+    assert (tmp_path / "fresh" / "metrics.csv").read_text().startswith("step,loss")
+
+
 def test_run_folder_is_never_overwritten(tiny_recipe_path, tmp_path):
     out = tmp_path / "run"
     rec = load_recipe(tiny_recipe_path, ["train.max_steps=2", "train.sample_grid=4"])
