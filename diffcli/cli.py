@@ -260,6 +260,7 @@ def sample(
     elif steps is not None and SAMPLER_INFO[name].adaptive:
         raise UserError(f"--steps {steps}: {name} is adaptive (it takes its own steps, their number follows from "
                         f"--rtol); use --rtol")
+    steps_given = steps is not None  # --steps, or --nfe turned into steps
     steps = steps if steps is not None else rs.steps
     n = n if n is not None else rs.n
     if cfg is None:  # e.g. a guidance-distilled student records the middle of its w range
@@ -275,6 +276,10 @@ def sample(
         interval = (lo, hi)
     if tune_schedule:
         schedule = "tuned"
+        if not steps_given and world.is_main and not SAMPLER_INFO[name].adaptive:
+            _console().print(f"note: tuning {name} at the recipe's {steps} steps (NFE "
+                             f"{SAMPLER_INFO[name].nfe(steps, **options)}); give --nfe N for the budget you will "
+                             f"sample at", soft_wrap=True, markup=False)
     s = SampleSettings(sampler=name, steps=steps, schedule=schedule or rs.schedule, eta=eta, cfg=cfg,
                        class_id=class_id, n=n, batch_size=batch_size, seed=seed, options=options,
                        cfg_interval=interval, classifier=str(classifier) if classifier else None,
@@ -613,6 +618,18 @@ def _click_exceptions():
     return cx
 
 
+PATH_OPTIONS = ("--out", "-o", "--teacher", "--classifier", "--json", "--decode", "--ref", "--inception-weights")
+
+
+def _refuse_empty_paths(argv: list[str]) -> None:
+    """`--out ""` reaches a Path option as "." (the working directory): a script's unset variable would train
+    or sample into the cwd. An empty value of a path option is refused instead."""
+    for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if flag in PATH_OPTIONS and ((eq and value == "") or (not eq and i + 1 < len(argv) and argv[i + 1] == "")):
+            raise UserError(f"{flag} '': an empty path; give a file or folder name")
+
+
 def _given_value(e, argv: list[str]) -> str:
     """' (got VALUE)' for an option value click could not convert, whose message does not repeat it."""
     param = getattr(e, "param", None)
@@ -678,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     if debug:  # a global flag, accepted anywhere: `diffcli sample --debug …` as well as `diffcli --debug sample …`
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
     try:
+        _refuse_empty_paths(argv)
         rc = app(args=argv, prog_name="diffcli", standalone_mode=False)
         if rc == 130 and not _RELAUNCHED["torchrun"]:
             # typer turns Ctrl-C outside the engines' own signal handling into a silent return of 130 (a

@@ -197,6 +197,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
                                      "{w}/o"], ["train.batch_size = 9999999"]),
     ("train: --out cannot be created", ["train", "{w}/tiny.toml", "--out", "/proc/diffcli_no_such/run"],
      ["cannot create the run folder"]),
+    ("train: empty --out", ["train", "{w}/tiny.toml", "--out", ""], ["--out ''", "empty path"]),
     ("train: --max-steps 0", ["train", "{w}/tiny.toml", "--max-steps", "0", "--out", "{w}/o"], ["--max-steps 0"]),
     ("train: --max-steps not a number", ["train", "{w}/tiny.toml", "--max-steps", "many", "--out", "{w}/o"],
      ["--max-steps"]),
