@@ -47,7 +47,7 @@ def build(kind: str, res: int, before: str | None = None):
         return mod.UNet(in_channels=3 if res == 32 else 1, out_channels=3 if res == 32 else 1, resolution=res,
                         channels=widths[0], channel_mult=[w // widths[0] for w in widths], num_res_blocks=layers,
                         attention_resolutions=attn, head_channels=32)
-    if kind == "diffcli":
+    if kind in ("diffcli", "diffcli_compile"):
         from diffcli.nets.unet import UNet
 
         return UNet(in_channels=3 if res == 32 else 1, out_channels=3 if res == 32 else 1, resolution=res,
@@ -77,11 +77,11 @@ def channels_last(kind: str, bf16: bool = False) -> bool:
     """The memory layout a kind trains in: diffcli's is what `diffcli train` picks on this CPU."""
     import torch
 
-    if kind == "diffcli":
+    if kind in ("diffcli", "diffcli_compile"):
         from diffcli.runtime import use_channels_last
 
         return use_channels_last("auto", torch.device("cpu"), bf16)
-    return kind == "diffusers_cl"
+    return kind in ("diffusers_cl", "diffusers_compile_cl")
 
 
 def layout(kind: str, net, x, bf16: bool = False):
@@ -145,15 +145,22 @@ def measure(kind: str, res: int, batch: int, steps: int, threads: int, bf16: boo
             "rss_after_imports_mb": rss_imports}
 
 
-def interleave(res: int, batch: int, steps: int, threads: int, before: str | None, bf16: bool = False) -> dict:
+COMPILED = ("diffcli_compile", "diffusers_compile", "diffusers_compile_cl")
+
+
+def interleave(res: int, batch: int, steps: int, threads: int, before: str | None, bf16: bool = False,
+               compile_: bool = False) -> dict:
     """Every kind in one process, one training step (then one sampling step) of each in turn, `steps` rounds:
-    load from other processes falls on all kinds alike, step by step. Per-step seconds of each kind."""
+    load from other processes falls on all kinds alike, step by step. Per-step seconds of each kind.
+    `compile_`: also the compiled kinds — diffcli as `train.compile = true` runs it (the forward under
+    torch.compile, fused AdamW), stock diffusers with its forward compiled the same way (contiguous, and
+    channels_last) — whose compile time goes into the warm-up round, reported apart."""
     import torch
 
     from diffcli.train import make_optimizer
 
     torch.set_num_threads(threads)
-    kinds = KINDS + (("diffcli_before",) if before else ())
+    kinds = KINDS + (("diffcli_before",) if before else ()) + (COMPILED if compile_ else ())
     c = 3 if res == 32 else 1
     x = torch.randn(batch, c, res, res, generator=torch.Generator().manual_seed(1))
     t = torch.rand(batch, generator=torch.Generator().manual_seed(2)) * 999
@@ -161,9 +168,12 @@ def interleave(res: int, batch: int, steps: int, threads: int, before: str | Non
     for kind in kinds:
         torch.manual_seed(0)
         nets[kind], xs[kind] = layout(kind, build(kind, res, before), x, bf16)
-        plain = kind in ("diffusers", "diffusers_cl", "diffcli_before")  # stock torch.optim.AdamW
+        plain = kind in ("diffusers", "diffusers_cl", "diffcli_before", "diffusers_compile",
+                         "diffusers_compile_cl")  # stock torch.optim.AdamW
         opts[kind] = (torch.optim.AdamW(nets[kind].parameters(), lr=1e-4) if plain
                       else make_optimizer(nets[kind].parameters(), lr=1e-4))
+        if kind in COMPILED:  # the forward only, as diffcli.train does for train.compile = true
+            nets[kind].forward = torch.compile(nets[kind].forward)
 
     def fwd(kind):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as train.bf16 = true
@@ -178,12 +188,15 @@ def interleave(res: int, batch: int, steps: int, threads: int, before: str | Non
 
     train_s = {k: [] for k in kinds}
     sample_s = {k: [] for k in kinds}
-    for r in range(steps + 1):  # a warm-up round
+    warmup_s = {}
+    for r in range(steps + 1):  # a warm-up round (the compiled kinds compile there)
         for kind in kinds:
             t0 = time.perf_counter()
             train_step(kind)
             if r >= 1:
                 train_s[kind].append(time.perf_counter() - t0)
+            else:
+                warmup_s[kind] = time.perf_counter() - t0
     with torch.no_grad():
         for r in range(steps + 1):
             for kind in kinds:
@@ -191,7 +204,7 @@ def interleave(res: int, batch: int, steps: int, threads: int, before: str | Non
                 fwd(kind)
                 if r >= 1:
                     sample_s[kind].append(time.perf_counter() - t0)
-    return {"train_s": train_s, "sample_s": sample_s}
+    return {"train_s": train_s, "sample_s": sample_s, "warmup_s": warmup_s}
 
 
 def main() -> None:
@@ -204,6 +217,8 @@ def main() -> None:
                     "or accelerate's mixed_precision='bf16' in diffusers' training examples)")
     ap.add_argument("--before", default=None, help="also time the UNet of an older checkout in this folder "
                     "(e.g. git archive HEAD~1 diffcli | tar -x -C DIR), with stock AdamW as it had")
+    ap.add_argument("--compile", action="store_true", help="also diffcli under train.compile = true and "
+                    "diffusers with its forward compiled alike (interleaved; compile time reported apart)")
     ap.add_argument("--one", nargs=3, metavar=("KIND", "RES", "BATCH"), help=argparse.SUPPRESS)
     ap.add_argument("--interleave", nargs=2, metavar=("RES", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -213,7 +228,7 @@ def main() -> None:
         return
     if args.interleave:
         res, batch = int(args.interleave[0]), int(args.interleave[1])
-        print(json.dumps(interleave(res, batch, args.steps, args.threads, args.before, args.bf16)))
+        print(json.dumps(interleave(res, batch, args.steps, args.threads, args.before, args.bf16, args.compile)))
         return
     load, rows = [os.getloadavg()[0]], []
     for res, batch in ((8, 128), (32, 32)):
@@ -221,7 +236,7 @@ def main() -> None:
         # throughput: all kinds interleaved step by step in one process
         cmd = [sys.executable, __file__, "--interleave", str(res), str(batch), "--steps", str(steps),
                "--threads", str(args.threads)] + (["--before", args.before] if args.before else []) + (
-                   ["--bf16"] if args.bf16 else [])
+                   ["--bf16"] if args.bf16 else []) + (["--compile"] if args.compile else [])
         timing = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         load.append(os.getloadavg()[0])
         # memory: each kind in its own process (ru_maxrss is per process), a few steps
@@ -250,6 +265,11 @@ def main() -> None:
         row["train_ratio_same_optimizer"] = ratio("diffcli", "diffusers_fused")
         row["train_ratio_vs_diffusers_cl"] = ratio("diffcli", "diffusers_cl")
         row["sample_ratio"] = ratio("diffcli", "diffusers", "sample_s")
+        if args.compile:
+            row["compile_warmup_s"] = {k: round(timing["warmup_s"][k], 1) for k in COMPILED}
+            row["train_ratio_compiled_vs_diffusers"] = ratio("diffcli_compile", "diffusers")
+            row["train_ratio_compiled_vs_compiled_diffusers"] = ratio("diffcli_compile", "diffusers_compile")
+            row["train_ratio_compiled_vs_compiled_diffusers_cl"] = ratio("diffcli_compile", "diffusers_compile_cl")
         if args.before:
             row["train_ratio_before"] = ratio("diffcli_before", "diffusers")
             row["train_speedup_vs_before"] = ratio("diffcli", "diffcli_before")
