@@ -286,8 +286,12 @@ def format_validation_error(err: ValidationError, source: str, given: frozenset[
     for e in err.errors():
         loc = ".".join(str(p) if str(p).isprintable() else repr(p) for p in e["loc"])  # one line, always
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key {loc!s} = {e['input']!r}")
+        if e["type"] == "extra_forbidden" and isinstance(e["input"], dict):  # a whole unknown [section]
+            keys = ", ".join(str(k) if str(k).isprintable() else repr(k) for k in e["input"])
+            keys = keys if len(keys) <= 60 else keys[:57] + "…"
+            parts.append(f"unknown section [{loc}] (holding {keys or 'nothing'})")
+        elif e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {loc!s} = {_short(e['input'])}")
         elif e["type"] == "missing":
             parts.append(f"{loc}: missing")
         elif loc:

@@ -27,6 +27,7 @@ def _err(data: dict) -> str:
     ({"model": {"channel_mult": [True, True]}}, ["model.channel_mult.0 = true"]),
     ({"train": {"lrr": 1e-3}}, ["unknown key", "train.lrr"]),
     ({"colour": "red"}, ["unknown key", "colour"]),
+    ({"foo": {"bar": 1}}, ["unknown section [foo]", "holding bar"]),
     ({"train": {"channels_last": "yes"}}, ["train.channels_last", '"yes"', "auto"]),
     ({"train": {"channels_last": 1}}, ["train.channels_last = 1", "true, false"]),
     ({"train": {"bf16": 1}}, ["train.bf16 = 1", "true or false"]),
