@@ -129,12 +129,12 @@ def train_classifier(recipe: Recipe, out: Path, *, resume: bool = False, force: 
     from . import train as T
     from .checkpoint import atomic_write_bytes
     from .data import load_dataset
-    from .runtime import mix_seed, progress, resolve_device
+    from .runtime import mix_seed, progress, run_device
 
     # as for a denoiser run: the folder's state, the device and the dataset are checked before the folder is
     # created, resumed or (with --force) emptied; a resumed run's recipe equals this one but for the budget
     T.check_run_folder(out, resume=resume, force=force)
-    dev = resolve_device(device or recipe.train.device, "--device" if device else "train.device")
+    dev = run_device(device, recipe.train.device)
     data = load_dataset(recipe.data)
     if not data.num_classes:
         raise UserError(f"data.name = {recipe.data.name!r}: task = 'classifier' needs labels")
@@ -166,9 +166,7 @@ def train_classifier(recipe: Recipe, out: Path, *, resume: bool = False, force: 
         T._retain(out / "checkpoints", t.keep_last)
         return ck
 
-    metrics = T._MetricsWriter(out / "metrics.csv")
-    if resumed_window.steps:  # the dropped stop row's clock
-        metrics.seconds_before = resumed_window.seconds
+    metrics = T._MetricsWriter(out / "metrics.csv", resumed_window)
     t0 = time.perf_counter()
     step, last_loss, last_ck, stopped_by, ips = start, float("nan"), None, "max_steps", 0.0
     window_t, window_imgs = time.perf_counter(), 0

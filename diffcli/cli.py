@@ -124,12 +124,12 @@ def train(
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be ≥ 1")
     if nproc > 1:  # the recipe is valid and the folder usable: now hand over to torchrun
-        from .runtime import resolve_device
+        from .runtime import run_device
         from .train import check_run_folder
 
         check_run_folder(out, resume=resume, force=force)
         # what needs no worker is checked here, once, before torchrun prints its banner and starts N of them
-        resolve_device(device or rec.train.device, "--device" if device else "train.device")
+        run_device(device, rec.train.device)
         if rec.train.batch_size < nproc:
             raise UserError(f"train.batch_size = {rec.train.batch_size} is smaller than the {nproc} processes "
                             f"(--nproc {nproc}): each takes a share of the global batch")

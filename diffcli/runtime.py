@@ -37,6 +37,11 @@ def resolve_device(name: str, field: str = "--device") -> torch.device:
     return dev
 
 
+def run_device(option: str | None, recipe_device: str) -> torch.device:
+    """The device of a run: --device when given, else the recipe's train.device (the error names which)."""
+    return resolve_device(option or recipe_device, "--device" if option else "train.device")
+
+
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers, stable across runs and platforms (SHA-256 of their text)."""
     h = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()

@@ -35,7 +35,7 @@ from .generate import SampleSettings, generate
 from .images import save_grid
 from .recipes import Recipe, load_recipe, model_resolution_problem
 from . import distributed as dist
-from .runtime import (check_out_folder, mix_seed, progress, resolve_device, to_channels_last,
+from .runtime import (check_out_folder, mix_seed, progress, run_device, to_channels_last,
                       use_channels_last)
 
 RUN_FILES = ("recipe.toml", "checkpoints", "samples", "last.safetensors", "metrics.csv")
@@ -448,7 +448,7 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     if recipe.diffusion.parameterization == "consistency":
         raise UserError("diffusion.parameterization = 'consistency': consistency models are made by "
                         "`diffcli distill` (method = 'consistency'), not by diffcli train")
-    dev = resolve_device(device or recipe.train.device, "--device" if device else "train.device")
+    dev = run_device(device, recipe.train.device)
     # The dataset before the run folder: a missing or broken dataset must fail before the folder is created,
     # resumed or (with --force) emptied. A resumed run's recipe equals this one but for RESUME_ANEW.
     data = load_dataset(recipe.data)
@@ -535,9 +535,7 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
         imgs, _ = generate(ema, data.channels, data.resolution, grid_settings, device=dev, show_progress=False)
         save_grid(out / "samples" / f"step_{step:07d}.png", imgs)
 
-    metrics = _MetricsWriter(out / "metrics.csv") if world.is_main else None
-    if metrics is not None and resumed_window.steps:  # the dropped stop row's clock
-        metrics.seconds_before = resumed_window.seconds
+    metrics = _MetricsWriter(out / "metrics.csv", resumed_window) if world.is_main else None
     t0 = time.perf_counter()
     step, last_loss, window_t, window_step = start, float("nan"), time.perf_counter(), start
     reported_bad, ips = 0, 0.0
@@ -706,11 +704,14 @@ def _metrics_rows(path: Path) -> list[list[str]]:
 
 
 class _MetricsWriter:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resumed: LossWindow | None = None) -> None:
+        """`resumed`: the window a stop between log rows left; its clock, not the last row's, goes on."""
         self.path = path
         self.seconds_before = 0.0  # the run's training seconds before this start: a resumed run's clock goes on
         if not path.exists() or path.stat().st_size == 0:  # written whole or not at all (a full disk, a kill)
             atomic_write_bytes(path, _metrics_text([]))
+        if resumed is not None and resumed.steps:  # the dropped stop row's clock
+            self.seconds_before = resumed.seconds
             return
         rows = _metrics_rows(path)
         try:

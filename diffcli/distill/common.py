@@ -35,7 +35,7 @@ from ..errors import Interrupted, RunFailure, UserError
 from ..generate import SampleSettings, generate
 from ..images import save_grid
 from ..recipes import DistillRecipe, Recipe, load_distill_recipe
-from ..runtime import mix_seed, progress, resolve_device
+from ..runtime import mix_seed, progress, run_device
 from ..train import (RUN_FOLDER_NAMES, Batches, LossWindow, _MetricsWriter, _retain, _Signals, _truncate_metrics,
                      check_run_folder, ema_beta, latest_state, load_state, lr_at, make_optimizer, prepare_run_folder,
                      remove_run_entry, save_state)
@@ -232,7 +232,7 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
     `teacher_given`: False when the teacher is the one the run recorded (--resume without --teacher)."""
     t = recipe.train
     check_run_folder(out, resume=resume, force=force)
-    dev = resolve_device(device or t.device, "--device" if device else "train.device")
+    dev = run_device(device, t.device)
     teacher = load_teacher(teacher_path, dev)
     method = get_method(recipe, teacher)  # validates the method against the teacher before anything is written
     if force and not resume and Path(teacher.path).resolve().is_relative_to(Path(out).resolve()):
@@ -315,9 +315,7 @@ def distill(recipe: DistillRecipe, teacher_path: str | Path, out: Path, *, resum
         _retain(out / "checkpoints", t.keep_last)
         return ck
 
-    metrics = _MetricsWriter(out / "metrics.csv")
-    if resumed_window.steps:  # the dropped stop row's clock
-        metrics.seconds_before = resumed_window.seconds
+    metrics = _MetricsWriter(out / "metrics.csv", resumed_window)
     t0 = time.perf_counter()
     step, window_imgs, window_t, last_ck, loss_v = start, 0, time.perf_counter(), None, float("nan")
     # the loss sum and count since the last row; a stop between rows left its window in the state
