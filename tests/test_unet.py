@@ -57,3 +57,35 @@ def test_cpu_bf16_autocast_runs_attention_in_float32(monkeypatch):
     torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
     low.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in blk.parameters())
+
+
+def test_upsample_conv_is_interpolate_then_conv_in_value_and_gradient():
+    """The decoder's up-sampling convolution runs as one transposed convolution: the same function of the input
+    and of the 3×3 weights (float64 round-off), for odd sizes and non-square images too, and in channels_last."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, 3, padding=1).double()
+    for shape in [(2, 5, 4, 4), (1, 5, 3, 6), (3, 5, 1, 1)]:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            h = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+            ref = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            g_ref = torch.autograd.grad(ref.sin().sum(), [h, conv.weight, conv.bias])
+            out = unet.upsample_conv(h, conv)
+            assert out.shape == ref.shape == (shape[0], 7, 2 * shape[2], 2 * shape[3])
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+            for a, b in zip(torch.autograd.grad(out.sin().sum(), [h, conv.weight, conv.bias]), g_ref):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_up_resblock_matches_the_interpolating_form():
+    """A whole up-sampling ResBlock (as checkpoints hold it) computes what upsample-then-conv computed."""
+    torch.manual_seed(1)
+    blk = unet.ResBlock(8, 8, 16, 0.0, "up").double()
+    for p in blk.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, emb = torch.randn(2, 8, 4, 4, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    h = F.silu(blk.norm0(x))
+    h = blk.conv0(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+    scale, shift = blk.affine(emb)[:, :, None, None].chunk(2, dim=1)
+    h = blk.conv1(F.silu(torch.addcmul(shift, blk.norm1(h), scale + 1)))
+    ref = h + F.interpolate(x, scale_factor=2.0, mode="nearest")
+    torch.testing.assert_close(blk(x, emb), ref, rtol=0, atol=1e-12)
