@@ -37,13 +37,13 @@ def test_cpu_bf16_autocast_runs_attention_in_float32(monkeypatch):
     """torch's bf16 CPU attention backward is slower than the float32 one: when training under CPU autocast the
     attention inputs are float32 (forward-only calls keep bf16), and the output stays within bf16 rounding."""
     seen = []
-    sdpa = F.scaled_dot_product_attention
+    attention = unet.attention
 
-    def spy(q, k, v, *a, **kw):
+    def spy(q, k, v):
         seen.append(q.dtype)
-        return sdpa(q, k, v, *a, **kw)
+        return attention(q, k, v)
 
-    monkeypatch.setattr(unet.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(unet, "attention", spy)
     torch.manual_seed(0)
     blk = unet.AttentionBlock(32, 8)
     torch.nn.init.normal_(blk.proj.weight, std=0.2)
@@ -89,3 +89,17 @@ def test_up_resblock_matches_the_interpolating_form():
     h = blk.conv1(F.silu(torch.addcmul(shift, blk.norm1(h), scale + 1)))
     ref = h + F.interpolate(x, scale_factor=2.0, mode="nearest")
     torch.testing.assert_close(blk(x, emb), ref, rtol=0, atol=1e-12)
+
+
+def test_attention_routes_agree_with_torchs_kernel():
+    """The CPU matmul route for short sequences and torch's fused kernel compute the same attention, values and
+    gradients, on both sides of the length at which the route changes."""
+    torch.manual_seed(2)
+    for n in (16, unet._CPU_MATH_TOKENS, unet._CPU_MATH_TOKENS + 16):
+        q, k, v = (torch.randn(3, 2, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        out = unet.attention(q, k, v)
+        ref = F.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        g, g_ref = (torch.autograd.grad(o.sin().sum(), [q, k, v]) for o in (out, ref))
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
