@@ -3,8 +3,11 @@
 CPU), `compile` (torch.compile, as `train.compile = true`), `cl_compile` (both), `bf16` / `cl_bf16` (bf16
 autocast, as `train.bf16 = true`). Same network, optimizer (make_optimizer: fused AdamW) and batch; the median seconds per
 step over ROUNDS rounds, each round one step of every variant in turn, so machine load falls on all alike.
+With `--before DIR` (an older checkout, e.g. `git archive REV diffcli | tar -x -C DIR`), a variant named
+`before_X` is X with that checkout's UNet: the network's own speed-up, with the optimizer held fixed.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/throughput_variants.py --res 32 --batch 32 --variants base,cl,compile --rounds 10
+    .venv/bin/python bench/throughput_variants.py --res 8 --batch 128 --variants before_base,base --before /tmp/before --rounds 60 --threads 2
 
 The networks are bench/throughput.py's (`build`): the 8×8 digits config and the 32×32 config.
 """
@@ -32,6 +35,7 @@ def main() -> None:
     ap.add_argument("--variants", default="base,cl,compile")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--before", default=None, help="folder holding an older checkout's diffcli/, for before_* variants")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     c = 3 if args.res == 32 else 1
@@ -40,14 +44,18 @@ def main() -> None:
     steps = {}
     for v in args.variants.split(","):
         torch.manual_seed(0)
-        net = build("diffcli", args.res)
+        before = v.startswith("before_")
+        if before and not args.before:
+            ap.error(f"variant {v} needs --before DIR")
+        net = build("diffcli_before", args.res, args.before) if before else build("diffcli", args.res)
+        v_opts = v.removeprefix("before_")
         xx = x
-        if v.startswith("cl"):
+        if v_opts.startswith("cl"):
             net = net.to(memory_format=torch.channels_last)
             xx = x.contiguous(memory_format=torch.channels_last)
-        f = torch.compile(net) if v.endswith("compile") else net
+        f = torch.compile(net) if v_opts.endswith("compile") else net
         opt = make_optimizer(net.parameters(), lr=1e-4)
-        bf16 = v.endswith("bf16")  # as train.bf16 = true: torch.autocast on the device
+        bf16 = v_opts.endswith("bf16")  # as train.bf16 = true: torch.autocast on the device
 
         def step(f=f, xx=xx, opt=opt, bf16=bf16):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -74,6 +74,13 @@ def test_upsample_conv_is_interpolate_then_conv_in_value_and_gradient():
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
             for a, b in zip(torch.autograd.grad(out.sin().sum(), [h, conv.weight, conv.bias]), g_ref):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    conv, h = conv.float(), torch.randn(2, 5, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as train.bf16 = true: the output within bf16 rounding
+        low = unet.upsample_conv(h, conv)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), conv(F.interpolate(h, scale_factor=2.0)), rtol=0.02, atol=0.02)
+    low.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
 
 
 def test_up_resblock_matches_the_interpolating_form():

@@ -80,7 +80,10 @@ def upsample_conv(h: Tensor, conv: nn.Conv2d) -> Tensor:
     """
     taps = torch.tensor(_UP_TAPS, dtype=conv.weight.dtype, device=conv.weight.device)  # (4, 3)
     # (C_out, C_in, 3, 3) → (C_in, C_out, 4, 4): transposed convolutions take their weights (in, out, kH, kW).
-    weight = torch.einsum("yk,oikl,xl->ioyx", taps, conv.weight, taps)
+    # In the weights' own precision even under autocast (einsum would run as a half-precision bmm there), so
+    # the sums of taps and, in the backward, of their gradients are not rounded; the convolution casts after.
+    with torch.autocast(h.device.type, enabled=False):
+        weight = torch.einsum("yk,oikl,xl->ioyx", taps, conv.weight, taps)
     return F.conv_transpose2d(h, weight, conv.bias, stride=2, padding=1)
 
 
