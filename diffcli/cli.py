@@ -249,8 +249,10 @@ def sample(
     if nfe is not None:
         if steps is not None:
             raise UserError("give --steps or --nfe, not both")
-        if nfe < 1:
-            raise UserError(f"--nfe {nfe}: must be ≥ 1")
+        from .recipes import MAX_STEPS
+
+        if not 1 <= nfe <= MAX_STEPS:  # finding the steps for a budget counts up to it: 10^11 would not return
+            raise UserError(f"--nfe {nfe}: must be in [1, {MAX_STEPS}]")
         if SAMPLER_INFO[name].adaptive:
             raise UserError(f"--nfe {nfe}: {name} is adaptive (its NFE follows from --rtol); use --rtol")
         steps = SAMPLER_INFO[name].steps_for_nfe(nfe, **options)

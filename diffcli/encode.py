@@ -58,12 +58,15 @@ from torch import Tensor
 from .errors import UserError
 from .generate import check_class_id, check_scale
 from .guidance import Conditioned
+from .recipes import MAX_STEPS
 from .runtime import check_out_folder
 from .samplers import SAMPLER_INFO, SAMPLERS, SCHEDULES, NFECounter, get_sigmas
 
 LATENTS_KIND = "latents"
 DEQUANT_LEVELS = 255  # 8-bit data: x = k/127.5 - 1, k = 0..255 → bin width 2/255
 EXACT_DIVERGENCE_MAX_DIMS = 4096
+MAX_PROBES = 1024  # --nll: every probe's noise is drawn at once, beside the images (SE ∝ 1/√probes long before)
+MAX_FRAMES = 1024  # --interpolate: every frame's latent is held at once and drawn side by side in one strip
 LOG2_BIN = math.log2(DEQUANT_LEVELS / 2)  # log2(127.5): [-1, 1] units → 8-bit pixel units
 
 
@@ -456,8 +459,8 @@ def resolve_spec(s: EncodeSettings, denoiser, base: ODESpec | None = None) -> OD
                             f"{', '.join(n for n in deterministic_solvers() if accepts_option(n, 'rtol')) or 'none'})")
         options["rtol"] = s.rtol
     if s.nfe is not None:
-        if s.nfe < 1:
-            raise UserError(f"--nfe {s.nfe}: must be ≥ 1")
+        if not 1 <= s.nfe <= MAX_STEPS:  # finding the levels for a budget counts up to it: 10^11 would not return
+            raise UserError(f"--nfe {s.nfe}: must be in [1, {MAX_STEPS}]")
         steps = steps_for_nfe(solver, s.nfe)
     elif base is not None and solver == base.solver:
         steps = base.steps
@@ -497,10 +500,10 @@ def validate_settings(s: EncodeSettings, num_classes: int, mode: str) -> list[st
                             f"--nll is undefined; use --cfg 1")
         warnings.append(f"--cfg {s.cfg} ≠ 1 breaks exact invertibility: the guided field is not the probability-"
                         f"flow ODE of the model, latents are not N(0, σ_max² I) and reconstructions degrade")
-    if s.frames < 2:
-        raise UserError(f"--frames {s.frames}: must be ≥ 2")
-    if s.probes < 1:
-        raise UserError(f"--probes {s.probes}: must be ≥ 1")
+    if not 2 <= s.frames <= MAX_FRAMES:
+        raise UserError(f"--frames {s.frames}: must be in [2, {MAX_FRAMES}]")
+    if not 1 <= s.probes <= MAX_PROBES:
+        raise UserError(f"--probes {s.probes}: must be in [1, {MAX_PROBES}]")
     if s.exact_divergence and not s.nll:
         raise UserError("--exact-divergence needs --nll")
     if s.nll and mode != "encode":

@@ -16,7 +16,7 @@ from .checkpoint import LoadedCheckpoint, atomic_write_text, file_hash
 from .errors import UserError
 from .guidance import ClassifierGuided, Conditioned, GuidanceInput
 from .images import clear_outputs, png_bytes, save_grid, to_uint8
-from .recipes import MAX_BATCH
+from .recipes import MAX_BATCH, MAX_IMAGES, MAX_STEPS
 from .runtime import progress, sample_generator
 from .samplers import SAMPLER_INFO, SCHEDULES, NFECounter, get_sigmas
 
@@ -70,8 +70,12 @@ def validate_settings(s: SampleSettings, num_classes: int, guidance_input: bool 
             raise UserError(f"--cfg-interval {lo},{hi}: need 0 ≤ lo < hi")
     if s.steps < info.min_steps:
         raise UserError(f"--steps {s.steps}: {s.sampler} needs at least {info.min_steps}")
+    if s.steps > MAX_STEPS:  # the σ grid alone would not fit in memory long before 10^11
+        raise UserError(f"--steps {s.steps}: must be at most {MAX_STEPS}")
     if s.n < 1:
         raise UserError(f"--n {s.n}: must be ≥ 1")
+    if s.n > MAX_IMAGES:  # every image (and its label) is held in memory
+        raise UserError(f"--n {s.n}: must be at most {MAX_IMAGES}")
     if not 1 <= s.batch_size <= MAX_BATCH:
         raise UserError(f"--batch-size {s.batch_size}: must be in [1, {MAX_BATCH}]")
     if s.eta is not None and not 0 <= s.eta <= 1:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
+from .recipes import MAX_STEPS
 
 METRICS = ("fid", "kid", "is", "pr")
 DEFAULT_N = 10_000
@@ -90,6 +91,8 @@ def parse_int_list(text: str | None, option: str) -> list[int] | None:
             raise UserError(f"{option} {text!r}: {t!r} is not an integer") from None
         if v < 1:
             raise UserError(f"{option} {text!r}: {v} must be ≥ 1")
+        if v > MAX_STEPS:  # finding the steps for a budget counts up to it: a typo's 10^11 would not return
+            raise UserError(f"{option} {text!r}: {v} must be at most {MAX_STEPS}")
         out.append(v)
     if not out:
         raise UserError(f"{option} {text!r}: empty")

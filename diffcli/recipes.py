@@ -47,6 +47,15 @@ def _number(v: Any) -> Any:
 
 
 MAX_BATCH = 2**20  # images in one batch (train.batch_size, sample.batch_size, --batch-size)
+# sampling steps or denoiser calls of one run (sample.steps, --steps, --nfe): as many as the finest VP
+# discretisation a recipe may have (diffusion.timesteps); far beyond it a σ grid cannot even be allocated, and
+# `--nfe` searching its step count would not return
+MAX_STEPS = 100_000
+# images of one sample or eval-fid run (sample.n, --n): 200× the 50,000 of the FID protocol; every image is held
+# in memory, and beyond int64 even its label cannot be
+MAX_IMAGES = 10_000_000
+
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # float32's normal range (σ bounds)
 
 # TOML's numbers only: a boolean or a string in a number's place is a mistake, not a 1
 Int = Annotated[int, BeforeValidator(_number)]
@@ -122,6 +131,13 @@ class DiffusionConfig(_Strict):
                              beta_end=self.beta_end)
         except (ArithmeticError, RuntimeError) as e:
             raise ValueError(f"the {self.process} process cannot be built from these values ({e})") from None
+        for which in ("sigma_min", "sigma_max"):
+            v = getattr(self, which)
+            if v is not None and not FLOAT32_TINY <= v <= FLOAT32_MAX:
+                # the network sees σ in float32: a level it rounds to 0 or ∞ gives a NaN image, and a Karras grid
+                # from 1e-300 repeats its last level (0), which no sampler accepts — found only at the first grid
+                raise ValueError(f"{which} = {v:g}: must be in [{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}] (σ reaches "
+                                 f"the network in float32)")
         if not math.isfinite(p.sigma_max):
             raise ValueError(f"beta_end = {self.beta_end}, timesteps = {self.timesteps}: the {self.process} "
                              f"schedule's ᾱ_T underflows to 0 (σ_max = ∞); lower beta_end or timesteps")
@@ -196,10 +212,10 @@ def _known_sampler(name: str) -> str:
 class SampleConfig(_Strict):
     sampler: str = "ddim"
     schedule: Optional[str] = None
-    steps: Int = Field(50, ge=1)
+    steps: Int = Field(50, ge=1, le=MAX_STEPS)
     eta: Float = Field(0.0, ge=0, le=1)
     cfg: Float = Field(1.0, ge=0)
-    n: Int = Field(64, ge=1)
+    n: Int = Field(64, ge=1, le=MAX_IMAGES)
     batch_size: Int = Field(256, ge=1, le=MAX_BATCH)
     seed: Int = Field(0, ge=0)
 
@@ -394,7 +410,7 @@ class GuidanceDistillConfig(_Strict):
     w_min: Float = Field(1.0, ge=0)
     w_max: Float = Field(4.0, ge=0)
     sampler: str = "heun"
-    steps: Int = Field(18, ge=1)
+    steps: Int = Field(18, ge=1, le=MAX_STEPS)
 
     @model_validator(mode="after")
     def _range(self) -> "GuidanceDistillConfig":
@@ -407,10 +423,10 @@ class ReflowConfig(_Strict):
     """Liu et al. 2023: (noise, sample) pairs from the teacher's ODE sampler, then a rectified flow on them."""
     num_pairs: Int = Field(2048, ge=2)
     pair_sampler: Literal["heun", "euler", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"] = "heun"
-    pair_steps: Int = Field(18, ge=1)
+    pair_steps: Int = Field(18, ge=1, le=MAX_STEPS)
     cfg: Float = Field(1.0, ge=0, description="CFG scale of the pair-generating teacher (class-conditional)")
     chunk_size: Int = Field(256, ge=1, description="pairs per stored chunk (resume granularity)")
-    student_steps: Int = Field(1, ge=1, description="Euler steps the reflowed student samples with")
+    student_steps: Int = Field(1, ge=1, le=MAX_STEPS, description="Euler steps the reflowed student samples with")
     straightness_samples: Int = Field(256, ge=2)
     straightness_steps: Int = Field(32, ge=2, le=1000, description="DDIM steps (uniform in flow time) of the "
                                     "straightness measurement")

@@ -165,11 +165,14 @@ def ws(tmp_path_factory, tiny_recipe_path, tiny_ckpt) -> Path:
         shutil.copy(w / "corrupt_run" / "recipe.toml", w / name / "recipe.toml")
         (w / name / odd).mkdir() if odd.endswith(".csv") else (w / name / odd).write_text("x")
     (w / "cache").mkdir()
+    (w / "guidance.toml").write_text('method = "guidance"\n[guidance]\nsteps = 99999999999\n')
+    (w / "reflow.toml").write_text('method = "reflow"\n[reflow]\npair_steps = 99999999999\n')
     return w
 
 
 # --- the table: (id, argv, needles) — "{w}" is the workspace; EXEC marks real-executable cases -------------------
-EXEC = {"train: unknown key", "sample: pickle", "eval-fid: unknown metric", "encode: broken image"}
+EXEC = {"train: unknown key", "sample: pickle", "eval-fid: unknown metric", "encode: broken image",
+        "distill: teacher steps beyond any grid"}
 
 CASES: list[tuple[str, list[str], list[str]]] = [
     # train — recipe, options, run folder, dataset
@@ -234,7 +237,35 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("train: --force keeps the run when the data is bad",
      ["train", "{w}/tiny.toml", "--force", "--set", "data.name=imagefolder", "--set", "data.path={w}/nope",
       "--out", "{w}/corrupt_run"], ["data.path"]),
+    ("train: sigma_min below float32", ["train", "{w}/tiny.toml", "--set", "diffusion.sigma_min=1e-300", "--out",
+                                         "{w}/o"], ["sigma_min = 1e-300", "float32"]),
+    ("train: sigma_max beyond float32", ["train", "{w}/tiny.toml", "--set", "diffusion.sigma_max=1e300", "--out",
+                                         "{w}/o"], ["sigma_max = 1e+300", "float32"]),
+    ("train: sample.steps huge", ["train", "{w}/tiny.toml", "--set", "sample.steps=99999999999", "--out", "{w}/o"],
+     ["sample.steps = 99999999999"]),
+    # distill — recipe values that reach a sampler
+    ("distill: teacher steps beyond any grid", ["distill", "{w}/guidance.toml", "--teacher", "{w}/ckpt.safetensors",
+                                                "--out", "{w}/o"], ["guidance.steps = 99999999999"]),
+    ("distill: reflow pair steps huge", ["distill", "{w}/reflow.toml", "--teacher", "{w}/ckpt.safetensors", "--out",
+                                         "{w}/o"], ["reflow.pair_steps = 99999999999"]),
     # sample — checkpoint file, options, output folder
+    ("sample: n beyond int64", ["sample", "{w}/ckpt.safetensors", "--n", "99999999999999999999", "--out", "{w}/s"],
+     ["--n 99999999999999999999", "at most"]),
+    ("sample: n past memory", ["sample", "{w}/ckpt.safetensors", "--n", "999999999999", "--out", "{w}/s"],
+     ["--n 999999999999", "at most"]),
+    ("sample: steps huge", ["sample", "{w}/ckpt.safetensors", "--steps", "99999999999", "--out", "{w}/s"],
+     ["--steps 99999999999", "at most"]),
+    ("sample: nfe huge", ["sample", "{w}/ckpt.safetensors", "--sampler", "euler", "--nfe", "99999999999", "--out",
+                          "{w}/s"], ["--nfe 99999999999"]),
+    ("eval-fid: n huge", ["eval-fid", "{w}/ckpt.safetensors", "--n", "99999999999999999999"], ["--n", "at most"]),
+    ("eval-fid: nfe huge in a list", ["eval-fid", "{w}/ckpt.safetensors", "--nfe", "5,99999999999"],
+     ["--nfe '5,99999999999'", "at most"]),
+    ("encode: nfe huge", ["encode", "{w}/ckpt.safetensors", "{w}/good_imgs/0.png", "--nfe", "99999999999999999999",
+                          "--out", "{w}/e"], ["--nfe 99999999999999999999"]),
+    ("encode: probes huge", ["encode", "{w}/ckpt.safetensors", "{w}/good_imgs/0.png", "--nll", "--probes",
+                             "99999999999", "--out", "{w}/e"], ["--probes 99999999999"]),
+    ("encode: frames huge", ["encode", "{w}/ckpt.safetensors", "{w}/good_imgs/0.png", "{w}/good_imgs/1.png",
+                             "--interpolate", "--frames", "99999999999", "--out", "{w}/e"], ["--frames 99999999999"]),
     ("sample: no checkpoint", ["sample", "--out", "{w}/s"], ["needs a CHECKPOINT"]),
     ("sample: missing checkpoint", ["sample", "{w}/nope.safetensors", "--out", "{w}/s"],
      ["nope.safetensors", "does not exist"]),
