@@ -6,6 +6,7 @@ Exit codes: 0 ok · 1 runtime failure · 2 bad input (one line `error: …`) · 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -686,6 +687,26 @@ def _terminate_like_ctrl_c() -> None:
         pass
 
 
+def _out_of_memory(e: BaseException) -> str | None:
+    """One line for an allocation that failed (a runtime failure, exit 1: what was written before stays), or
+    None when `e` is something else. torch reports a failed CPU allocation as a RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes") and a CUDA one as
+    torch.OutOfMemoryError (a RuntimeError too)."""
+    text = str(e)
+    torch = sys.modules.get("torch")
+    cuda_oom = torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ()))
+    if not (isinstance(e, MemoryError) or cuda_oom or "can't allocate memory" in text or "out of memory" in text):
+        return None
+    tried = re.search(r"tried to allocate (\d+) bytes", text)  # the CPU allocator's wording
+    tried = tried or re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]iB)", text)  # the CUDA allocator's
+    size = ""
+    if tried:
+        amount = tried.group(1)
+        size = f" ({int(amount) / 2**30:.2f} GiB at once)" if amount.isdigit() else f" ({amount} at once)"
+    return (f"out of memory{size}: lower --batch-size (sample, eval-fid, encode) or train.batch_size, or the "
+            f"image count")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and maps every error to its exit code and one line."""
     openmp_wait_policy()
@@ -738,4 +759,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        message = _out_of_memory(e)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
         return 1

@@ -107,3 +107,23 @@ def test_openmp_spin_is_capped_unless_the_user_chose():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-1] == "3000"
+
+
+def test_out_of_memory_is_one_line_and_exit_1(tiny_ckpt, tmp_path):
+    """An allocation the machine cannot make (here: a batch past a 2 GB data limit) is a runtime failure: exit 1,
+    one line that says what to lower, no traceback."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():  # mmap'd allocations count against RLIMIT_DATA (Linux ≥ 4.7)
+        resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))
+
+    out = tmp_path / "s"
+    r = subprocess.run([sys.executable, "-m", "diffcli", "sample", str(tiny_ckpt), "--n", "200000", "--batch-size",
+                        "200000", "--steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       preexec_fn=limit)
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory ("), r.stderr
+    assert "--batch-size" in lines[0] and "Traceback" not in r.stderr
