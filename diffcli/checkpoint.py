@@ -147,10 +147,15 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
             head = f.read(8)
             if len(head) < 8:
                 raise UserError(f"{p}: not a safetensors file (too short: {size} bytes)")
-            if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:2] == b"PK":
+            (n,) = struct.unpack("<Q", head)
+            # the pickle/zip magic is also the little-endian header length of valid files (640, 896, 1152 or
+            # 1408 bytes mod 2^16 start with 80 02..05; 19280 with "PK"), whose JSON header starts with "{"
+            json_follows = n <= min(MAX_HEADER, size - 8) and f.read(1) == b"{"
+            f.seek(8)
+            if not json_follows and (head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+                                     or head[:2] == b"PK"):
                 raise UserError(f"{p}: is a pickle/zip (torch.save) file, which diffcli never loads; "
                                 f"convert the weights to .safetensors")
-            (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or n > size - 8:
                 raise UserError(f"{p}: not a safetensors file (header length {n} exceeds the file's {size} bytes)")
             raw = f.read(n)

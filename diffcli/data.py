@@ -129,6 +129,15 @@ def image_channels(mode: str) -> int:
     return 1 if mode in _GRAY_MODES or mode.startswith("I;16") else 3
 
 
+def content_channels(im) -> int:
+    """Channels of a PIL image's content: a palette image (P, PA) whose colours are all grey is greyscale —
+    PNG optimisers and GIF store grey images that way, and its mode alone would make it RGB."""
+    if im.mode in ("P", "PA"):
+        rgb = np.asarray(im.convert("RGB"))
+        return 1 if bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()) else 3
+    return image_channels(im.mode)
+
+
 def _to_8bit(im):
     """A high-bit-depth grayscale PIL image (I;16*, I, F) as mode L, scaled, not clipped: PIL's convert("L")
     clips such values to 255 and turns a 16-bit scan into a white page."""
@@ -152,7 +161,7 @@ def read_image(path: Path, channels: int | None, resolution: int | None,
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            c = image_channels(mode)
+            c = content_channels(im)
             if channels is not None and c != channels:
                 kind = {1: "greyscale (1 channel)", 3: "RGB (3 channels)"}
                 raise UserError(f"{path}: is {kind.get(c, f'{c}-channel')} (PIL mode {mode}"
@@ -232,7 +241,7 @@ def _load_imagefolder(cfg: DataConfig) -> ImageData:
     from PIL import Image
 
     with Image.open(first) as im:
-        channels, res = image_channels(im.mode), cfg.resolution or min(im.size)
+        channels, res = content_channels(im), cfg.resolution or min(im.size)
     ds = FileImages(files, labels, channels, res)
     return _materialise("imagefolder", ds, len(class_names), class_names, cfg.on_bad_image == "skip")
 

@@ -675,8 +675,8 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         SamplerInfo("dpmpp_2m_sde", sample_dpmpp_2m_sde, 2, True, "karras",
                     "DPM-Solver++(2M) SDE, noise fraction η (Lu et al. 2022)", _per_step,
                     options={"eta": (0.0, 1.0), "s_noise": (0.0, 2.0)}),
-        SamplerInfo("unipc", sample_unipc, 3, False, "logsnr", "UniPC predictor-corrector, bh2, order 2-4 by step "
-                    "size (Zhao et al. 2023)", _per_step, options={"order": (1, 5)}, invertible=True),
+        SamplerInfo("unipc", sample_unipc, 3, False, "logsnr", "UniPC predictor-corrector, B1 (B2 under guidance), "
+                    "order 1-4 by step size (Zhao et al. 2023)", _per_step, options={"order": (1, 5)}, invertible=True),
         SamplerInfo("ipndm", sample_ipndm, 4, False, "karras", "improved PNDM, variable-step Adams-Bashforth "
                     "(Zhang & Chen 2023)", _per_step, options={"max_order": (1, 4)}),
         SamplerInfo("pc", sample_pc, 1, True, "karras", "predictor-corrector, Langevin corrector with SNR rule "

@@ -67,6 +67,24 @@ def test_pickle_is_never_loaded(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("header_len", [0x280, 0x380, 0x480, 0x580, 0x4B50])
+def test_valid_file_whose_header_length_looks_like_pickle_magic_loads(tmp_path, header_len):
+    # the little-endian length 640 is b"\x80\x02…" (pickle protocol 2), 19280 is b"PK…" (zip): a latents file
+    # written by `diffcli encode` hit this and `--decode` refused it as a pickle
+    from safetensors.torch import save
+
+    def file_with(pad: int) -> bytes:
+        return save({"x": torch.zeros(3)}, metadata={"pad": "a" * pad})
+
+    base = struct.unpack("<Q", file_with(0)[:8])[0]
+    data = file_with(header_len - base)
+    assert struct.unpack("<Q", data[:8])[0] == header_len
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(data)
+    header, meta = read_header(p)
+    assert "x" in header and len(meta["pad"]) == header_len - base
+
+
 @pytest.mark.parametrize("make, needle", [
     (lambda: b"", "too short"),
     (lambda: struct.pack("<Q", 10**12) + b"{}", "header length"),

@@ -96,3 +96,20 @@ def test_sixteen_bit_and_gray_alpha_images_are_read_scaled(tmp_path):
     Image.fromarray(la, "LA").save(tmp_path / "la.png")
     t = read_image(tmp_path / "la.png", None, None)
     assert t.shape == (1, 8, 8) and np.allclose(t[0].numpy(), la[..., 0] / 127.5 - 1, atol=1e-6)
+
+
+def test_grey_palette_image_is_one_channel(tmp_path):
+    """A palette PNG (or GIF) whose colours are all grey is greyscale: `encode` refused such a digit as "RGB"
+    and eval-fid read it as 3 channels. A palette with colour stays RGB."""
+    from diffcli.data import read_image
+
+    a = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    Image.fromarray(a).convert("P").save(tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    t = read_image(tmp_path / "p.png", 1, None)
+    assert t.shape == (1, 8, 8) and np.allclose(t[0].numpy(), a / 127.5 - 1, atol=1e-6)
+    assert read_image(tmp_path / "p.png", None, None).shape == (1, 8, 8)
+    Image.fromarray(np.stack([a, a // 2, a], -1)).convert("P").save(tmp_path / "colour.png")
+    assert read_image(tmp_path / "colour.png", None, None).shape == (3, 8, 8)
+    with pytest.raises(UserError, match="RGB"):
+        read_image(tmp_path / "colour.png", 1, None)

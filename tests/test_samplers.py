@@ -333,3 +333,14 @@ def test_logsnr_family_spacings():
     assert float(trailing[0]) == pytest.approx(hi) and float(linspace[0]) == pytest.approx(hi)
     assert float(leading[0]) < hi and float(leading[-2]) == pytest.approx(lo) == float(linspace[-2])
     assert float(trailing[-2]) > lo
+
+
+def test_unipc_list_description_names_its_default_variant():
+    """`diffcli sample --list` said "bh2" while sample_unipc defaults to B1 (B2 only under guidance)."""
+    import inspect
+
+    from diffcli.samplers import SAMPLER_INFO, sample_unipc
+
+    assert inspect.signature(sample_unipc).parameters["variant"].default == "bh1"
+    desc = SAMPLER_INFO["unipc"].description
+    assert "B1" in desc and "bh2," not in desc
