@@ -127,10 +127,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
     On a CPU with N ≤ 128 tokens (the low-resolution attention of small UNets) as two batched matmuls and a
     softmax: torch's fused flash-attention CPU kernel works in blocks sized for long sequences, and at these
-    lengths the plain form was faster (forward + backward, 2 threads, AMD EPYC, torch 2.14: 0.51 vs 2.06 ms at
-    (128, 2, 16, 32), 2.2 vs 3.9 ms at (32, 4, 64, 32), 10.9 vs 11.7 ms at (32, 4, 128, 32), but 83 vs 33 ms at
-    256 tokens). The softmax is taken in at least float32. Elsewhere torch's
-    scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).
+    lengths the plain form was faster (bench/unet_ops.py, forward + backward, 2 threads, AMD EPYC, torch 2.14:
+    0.70 vs 2.03 ms at (128, 2, 16, 32), 4.1 vs 5.7 ms at (32, 4, 64, 32), 10.4 vs 13.5 ms at (32, 4, 128, 32);
+    at (32, 4, 256, 32) it was 2.5× slower, 83 vs 33 ms). The softmax is taken in at least float32. Elsewhere
+    torch's scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).
     """
     if q.device.type == "cpu" and q.shape[-2] <= _CPU_MATH_TOKENS:
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, heads, N, N)
