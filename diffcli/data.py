@@ -41,6 +41,7 @@ class ImageData:
     dataset: torch.utils.data.Dataset | None = None  # streaming: items (image (C,H,W), label int64)
     class_names: list[str] = field(default_factory=list)
     skipped: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)  # the first few skipped files and why
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.dataset)
@@ -70,15 +71,21 @@ def _resize(images: Tensor, resolution: int) -> Tensor:
     return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
 
 
+# what to put where when the download is not possible: the layout torchvision checks for
+TORCHVISION_HINTS = {"mnist": "put the four unzipped *-ubyte files (train-images-idx3-ubyte, …) in {root}/MNIST/raw/",
+                     "cifar10": "unpack cifar-10-python.tar.gz into {root} (it makes {root}/cifar-10-batches-py/)"}
+
+
 def _torchvision_missing(name: str, root: str, err: Exception, download: bool = False) -> UserError:
     """A torchvision dataset that is not on disk; with data.download = true, a download that failed."""
     why = " ".join(str(err).split())[:160] or err.__class__.__name__
+    # "place the files there" alone does not say which files or where: name the layout torchvision reads
+    place = TORCHVISION_HINTS.get(name, "place the files in {root}").format(root=root)
     if download:
         return UserError(f"data.name = {name!r}: not under data.root = {root!r} and the download failed ({why}); "
-                         f"check the network, or place the files there")
+                         f"check the network, or {place}")
     return UserError(f"data.name = {name!r}: not found under data.root = {root!r} ({why}). "
-                     f"Set data.download = true (needs internet), or place the files there "
-                     f"(`diffcli train RECIPE --set data.download=true` fetches them)")
+                     f"Set data.download = true (needs internet: `--set data.download=true`), or {place}")
 
 
 def _load_torchvision(cfg: DataConfig) -> ImageData:
@@ -172,6 +179,12 @@ def read_image(path: Path, channels: int | None, resolution: int | None,
             im = im.convert("L" if c == 1 else "RGB")
             if crop is not None:
                 top, left, h, w = crop
+                if im.size[0] < left + w or im.size[1] < top + h:
+                    # PIL pads a box beyond the image with black: a smaller (already cropped or resized) face
+                    # would train as a mostly black image, silently
+                    raise UserError(f"{path}: is {im.size[0]}×{im.size[1]}, smaller than the CelebA crop box "
+                                    f"(rows {top}–{top + h}, columns {left}–{left + w} of the 178×218 aligned "
+                                    f"faces); for other images use data.name = \"imagefolder\"")
                 im = im.crop((left, top, left + w, top + h))
             if resolution is not None:
                 w, h = im.size
@@ -190,7 +203,11 @@ def read_image(path: Path, channels: int | None, resolution: int | None,
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    """The image files under `folder` (recursively, sorted). Hidden files and folders (a name starting with
+    ".") are left out: macOS's "._x.jpg" AppleDouble files are no images, and a ".ipynb_checkpoints/" copy
+    would count twice (or, as a sub-folder of the root, become a class)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def diffcli_output_images(folder: Path) -> Path | None:
@@ -206,14 +223,16 @@ def _materialise(name: str, ds: FileImages, num_classes: int, class_names: list[
     nbytes = len(ds) * ds.channels * ds.resolution**2 * 4
     if nbytes > IN_MEMORY_BYTES:
         return ImageData(name, ds.channels, ds.resolution, num_classes, dataset=ds, class_names=class_names)
-    imgs, labels, skipped = [], [], 0
+    imgs, labels, skipped, reasons = [], [], 0, []
     for i in range(len(ds)):
         try:
             img, y = ds[i]
-        except UserError:
-            if not skip_bad:
-                raise
+        except UserError as e:
+            if not skip_bad:  # say how to go on without the file, not only which file it is
+                raise UserError(f"{e}; data.on_bad_image = \"skip\" leaves such files out") from None
             skipped += 1
+            if len(reasons) < 3:
+                reasons.append(str(e))
             continue
         imgs.append(img)
         labels.append(y)
@@ -221,7 +240,7 @@ def _materialise(name: str, ds: FileImages, num_classes: int, class_names: list[
         raise UserError(f"data: no readable images among {len(ds)} file(s)")
     lab = torch.tensor(labels, dtype=torch.long) if num_classes else None
     return ImageData(name, ds.channels, ds.resolution, num_classes, torch.stack(imgs), lab,
-                     class_names=class_names, skipped=skipped)
+                     class_names=class_names, skipped=skipped, skipped_reasons=reasons)
 
 
 def _load_imagefolder(cfg: DataConfig) -> ImageData:
@@ -235,26 +254,41 @@ def _load_imagefolder(cfg: DataConfig) -> ImageData:
     labelled = cfg.class_conditional and all(f.parent.parent == root for f in files) and len(parents) > 1
     class_names = sorted(p.name for p in parents) if labelled else []
     labels = [class_names.index(f.parent.name) for f in files] if labelled else None
-    first = next((f for f in files if _probe(f)), None)
-    if first is None:
+    channels, size = _common_format(files)
+    if channels is None:
         raise UserError(f"data.path = {cfg.path!r}: no readable images")
-    from PIL import Image
-
-    with Image.open(first) as im:
-        channels, res = content_channels(im), cfg.resolution or min(im.size)
+    res = cfg.resolution or size
     ds = FileImages(files, labels, channels, res)
     return _materialise("imagefolder", ds, len(class_names), class_names, cfg.on_bad_image == "skip")
 
 
-def _probe(f: Path) -> bool:
+PROBE_FILES = 1000  # files looked at (evenly spaced) to find a folder's channel count and size
+
+
+def _common_format(files: list[Path]) -> tuple[int | None, int | None]:
+    """The channel count and size (shorter side) most of a folder's readable images have, from up to
+    PROBE_FILES of them evenly spaced. By majority, not by the first file: one greyscale (or odd-sized) image
+    that sorts first must not make the other images the "bad" ones (a failed run naming a good file, or
+    on_bad_image = "skip" training on that one image). (None, None) when none is readable."""
+    from collections import Counter
+
     from PIL import Image
 
-    try:
-        with Image.open(f) as im:
-            im.verify()
-        return True
-    except Exception:
-        return False
+    step = max(1, len(files) // PROBE_FILES)
+    chans, sizes = Counter(), Counter()
+    for f in files[::step][:PROBE_FILES]:
+        try:
+            with Image.open(f) as im:
+                im.load()  # decodes: a truncated or corrupt file is not counted
+                c, size = content_channels(im), min(im.size)
+        except Exception:
+            continue
+        chans[c] += 1
+        sizes[(c, size)] += 1
+    if not chans:
+        return None, None
+    c = chans.most_common(1)[0][0]
+    return c, max(((n, s) for (ch, s), n in sizes.items() if ch == c))[1]
 
 
 def celeba_folder(root: Path) -> Path | None:

@@ -261,7 +261,7 @@ def _reference_from_images(images: Tensor, ext: "Extractor", info: dict) -> Refe
 
 
 def dataset_images(name: str, split: str, root: str | None, resolution: int | None = None,
-                   path: str | None = None) -> Tensor:
+                   path: str | None = None, on_bad_image: str = "fail") -> Tensor:
     """A data-module dataset as uint8 (N, C, H, W) (labels are not needed for a reference)."""
     from pydantic import ValidationError
 
@@ -271,7 +271,7 @@ def dataset_images(name: str, split: str, root: str | None, resolution: int | No
 
     try:
         cfg = DataConfig(name=name, split=split, root=root or "data", resolution=resolution, path=path,
-                         class_conditional=False)
+                         class_conditional=False, on_bad_image=on_bad_image)
     except ValidationError as e:
         err = e.errors()[0]
         raise UserError(f"--ref {name!r} / --ref-split {split!r}: {err.get('msg')}") from None
@@ -377,7 +377,10 @@ def resolve_reference(ref: str | None, split: str | None, data_root: str | None,
         raise UserError(f"--ref-split {split!r}: choose train, test or all")
     t0 = time.perf_counter()
     if name == "imagefolder":  # a checkpoint trained on a folder: no cache (the folder may change)
-        images = read_folder(Path(dpath), "data.path")
+        # the images as the model was trained on them (resized to data.resolution, data.on_bad_image applied),
+        # not the raw files: a folder of 32×32 images trained at 16, or with a skipped bad file, is its data too
+        images = dataset_images(name, split, root, res, path=dpath,
+                                on_bad_image=(default or {}).get("on_bad_image", "fail"))
         return _reference_from_images(images, ext, {"source": "folder", "path": dpath})
     images = None
     if res is None and name == "digits":
@@ -667,7 +670,8 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
         if len(p.settings) > 1 and opts.out is None:
             raise UserError("a sweep (several --sampler/--nfe values) writes a CSV and a plot: give --out DIR")
         d = ck.recipe.data
-        default_ref = {"name": d.name, "split": d.split, "root": d.root, "resolution": d.resolution, "path": d.path}
+        default_ref = {"name": d.name, "split": d.split, "root": d.root, "resolution": d.resolution, "path": d.path,
+                       "on_bad_image": d.on_bad_image}
         gen_shape, n_gen = (ck.channels, ck.resolution, ck.resolution), n_req
     elif g.is_dir():
         if opts.sampler or opts.nfe or opts.steps is not None or opts.cfg is not None:
@@ -690,7 +694,7 @@ def _prepare(opts: EvalOptions, dev: torch.device, log, *, main: bool = True, wo
                 _, meta = read_header(ckp)
                 d = recipe_from_json(meta["recipe"], ckp).data
                 default_ref = {"name": d.name, "split": d.split, "root": d.root, "resolution": d.resolution,
-                               "path": d.path}
+                               "path": d.path, "on_bad_image": d.on_bad_image}
             except (UserError, KeyError):
                 default_ref = None
     else:

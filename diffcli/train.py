@@ -470,7 +470,10 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
         recipe = prepare_run_folder(out, recipe, resume=resume, force=False)
     t = recipe.train
     if data.skipped:
-        log(f"skipped {data.skipped} unreadable image(s)")
+        # name them: "unreadable" alone hides that a file was skipped for its channel count, or which one
+        why = "; ".join(data.skipped_reasons) + ("; …" if data.skipped > len(data.skipped_reasons) else "")
+        log(f"data.on_bad_image = \"skip\": skipped {data.skipped} image(s) ({why})" if why
+            else f"data.on_bad_image = \"skip\": skipped {data.skipped} image(s)")
     num_classes = data.num_classes
 
     torch.manual_seed(mix_seed(t.seed, 0, 3))  # initial weights depend only on the seed

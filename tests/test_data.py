@@ -113,3 +113,64 @@ def test_grey_palette_image_is_one_channel(tmp_path):
     assert read_image(tmp_path / "colour.png", None, None).shape == (3, 8, 8)
     with pytest.raises(UserError, match="RGB"):
         read_image(tmp_path / "colour.png", 1, None)
+
+
+def test_imagefolder_channels_by_majority_not_first_file(tmp_path):
+    """One greyscale image sorting first in an RGB folder: the folder is RGB and the greyscale file is the bad one
+    (fail names it and says how to skip it; skip drops it) — not every RGB file."""
+    _img(tmp_path / "a" / "0.png", (8, 8), 100, "L")
+    for cls in ("a", "b"):
+        for i in range(1, 4):
+            _img(tmp_path / cls / f"{i}.png", (8, 8), (255, 0, 0))
+    with pytest.raises(UserError, match=r"a/0\.png: is greyscale .*data\.on_bad_image = \"skip\""):
+        load_dataset(DataConfig(name="imagefolder", path=str(tmp_path)))
+    d = load_dataset(DataConfig(name="imagefolder", path=str(tmp_path), on_bad_image="skip"))
+    assert d.channels == 3 and len(d) == 6 and d.skipped == 1 and "0.png: is greyscale" in d.skipped_reasons[0]
+    assert d.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_imagefolder_size_by_majority(tmp_path):
+    _img(tmp_path / "0.png", (20, 12), (1, 2, 3))  # odd one first
+    for i in range(1, 4):
+        _img(tmp_path / f"{i}.png", (16, 16), (1, 2, 3))
+    assert load_dataset(DataConfig(name="imagefolder", path=str(tmp_path))).images.shape == (4, 3, 16, 16)
+
+
+def test_imagefolder_ignores_hidden_files_and_folders(tmp_path):
+    """macOS "._x.png" AppleDouble files are no images; ".ipynb_checkpoints/" copies are no class."""
+    for cls in ("a", "b"):
+        _img(tmp_path / cls / "1.png", (8, 8), (255, 0, 0))
+    (tmp_path / "a" / "._1.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    _img(tmp_path / ".ipynb_checkpoints" / "1-checkpoint.png", (8, 8), (0, 0, 255))
+    _img(tmp_path / "b" / ".ipynb_checkpoints" / "1-checkpoint.png", (8, 8), (0, 0, 255))
+    d = load_dataset(DataConfig(name="imagefolder", path=str(tmp_path)))
+    assert len(d) == 2 and d.class_names == ["a", "b"] and d.labels.tolist() == [0, 1]
+
+
+def test_celeba_image_smaller_than_the_crop_is_refused(tmp_path):
+    """PIL pads a crop box beyond the image with black: a 64×64 face would train as a black square."""
+    _img(tmp_path / "img_align_celeba" / "000001.jpg", (64, 64), (200, 100, 50))
+    with pytest.raises(UserError, match=r"000001\.jpg: is 64×64, smaller than the CelebA crop box"):
+        load_dataset(DataConfig(name="celeba", root=str(tmp_path), resolution=16, class_conditional=False))
+
+
+@pytest.mark.parametrize("name,layout", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py")])
+def test_missing_torchvision_dataset_names_the_layout(tmp_path, name, layout):
+    with pytest.raises(UserError) as e:
+        load_dataset(DataConfig(name=name, root=str(tmp_path)))
+    assert str(tmp_path / layout) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_eval_fid_reference_of_a_folder_checkpoint_is_its_training_data(tmp_path, monkeypatch):
+    """A checkpoint trained on a folder at data.resolution = 8 with data.on_bad_image = "skip": its default
+    reference is those images as trained on (8×8, the broken file left out), not the raw 16×16 files."""
+    from diffcli import metrics
+
+    for i in range(3):
+        _img(tmp_path / f"{i}.png", (16, 16), (255, 0, 0))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    monkeypatch.setattr(metrics, "_reference_from_images", lambda images, ext, info: images)
+    default = {"name": "imagefolder", "split": "train", "root": "data", "resolution": 8, "path": str(tmp_path),
+               "on_bad_image": "skip"}
+    images = metrics.resolve_reference(None, None, None, None, default=default, cache=False)
+    assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8 and int(images[:, 0].min()) == 255
