@@ -5,7 +5,9 @@
 `sigmas` is 1-D, decreasing and ends with 0; `x` is noise·sigmas[0]. The integration state is float64; the
 denoiser is called in float32 (EDM's `edm_sampler` does the same). `generator` is None, one torch.Generator,
 or a list with one generator per batch row — the last makes every image depend only on its own seed,
-whatever the batch size. `callback(info)` receives a dict with i, sigma, sigma_next, x, denoised, nfe.
+whatever the batch size. `callback(info)` receives a dict with i, sigma, sigma_next, x, denoised, nfe, once
+per step of the grid (rk45: once per denoiser call); the last one's nfe is the run's NFE. Out-of-range
+options (SAMPLER_INFO[name].options) and non-finite σ raise ValueError.
 
 In the VE convention x = x0 + σ·ε the probability-flow ODE is dx/dσ = (x - D(x, σ))/σ (Karras et al. 2022,
 eq. 3 with s = 1), and a DDIM step from σ to σ' is x' = D + σ'·(x - D)/σ: DDIM (η = 0) *is* Euler in σ,
@@ -17,6 +19,7 @@ units; η = 1 is DDPM's posterior q(x_{t-1} | x_t, x0) (Ho et al. 2020).
 from __future__ import annotations
 
 import math
+import operator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -83,12 +86,17 @@ def _callback(callback, i, sigmas, x, denoised, nfe) -> None:
                   "nfe": nfe})
 
 
-def _check_sigmas(sigmas: Tensor) -> Tensor:
+def _check_sigmas(sigmas, device: torch.device | None = None) -> Tensor:
     """Sampling grids decrease and end with 0. Deterministic samplers also integrate the ODE forwards for
-    inversion (diffcli.encode): an increasing grid that starts above 0."""
-    sigmas = sigmas.to(torch.float64)
+    inversion (diffcli.encode): an increasing grid that starts above 0. Any 1-D sequence of numbers is taken
+    (a list as well as a tensor of any float dtype); the result is float64 on `device`."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64, device=device)
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError("sigmas must be 1-D with at least 2 entries")
+    if not bool(torch.isfinite(sigmas).all()):
+        # σ = ∞ passes the order checks but gives NaN steps (or an endless rk45 solve from log ∞)
+        bad = (~torch.isfinite(sigmas)).nonzero().flatten().tolist()
+        raise ValueError(f"sigmas must be finite; entries {bad} are {sigmas[bad].tolist()}")
     if bool((sigmas[1:] < sigmas[:-1]).all()):
         if float(sigmas[-1]) != 0.0:
             raise ValueError("a decreasing sigma grid must end with 0")
@@ -108,11 +116,22 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, 
     return math.sqrt(sigma_next**2 - up**2), up
 
 
-def _decreasing(sigmas: Tensor, name: str) -> Tensor:
-    sigmas = _check_sigmas(sigmas)
+def _decreasing(sigmas, name: str, device: torch.device | None = None) -> Tensor:
+    sigmas = _check_sigmas(sigmas, device)
     if float(sigmas[-1]) != 0.0:
         raise ValueError(f"{name} is stochastic and samples only on a decreasing grid ending with 0")
     return sigmas
+
+
+def _check_options(name: str, **values: float) -> None:
+    """Numeric options inside SAMPLER_INFO[name].options' ranges — what `diffcli sample` checks for the CLI, so
+    that the Python API does not take them silently either: out of range an option breaks the method (ipndm's
+    max_order = 0 kept *every* earlier slope; unipc's order 0 or 6 has no coefficients) or leaves its paper
+    (η > 1 asks for more noise than the posterior holds; a negative s_noise or snr)."""
+    for key, value in values.items():
+        lo, hi = SAMPLER_INFO[name].options[key]
+        if not lo <= value <= hi:  # NaN fails too
+            raise ValueError(f"{name}: {key} = {value!r} is out of range; must be in [{lo:g}, {hi:g}]")
 
 
 # --- samplers ---------------------------------------------------------------------------------------------
@@ -120,7 +139,8 @@ def _decreasing(sigmas: Tensor, name: str) -> Tensor:
 def sample_ddim(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, eta: float = 0.0) -> Tensor:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) with stochasticity η ∈ [0, 1]: η = 0 is the deterministic
     probability-flow sampler, η = 1 DDPM's ancestral sampler. One denoiser call per step."""
-    sigmas = _check_sigmas(sigmas.to(x.device))
+    _check_options("ddim", eta=eta)
+    sigmas = _check_sigmas(sigmas, x.device)
     x = x.to(torch.float64)
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -143,7 +163,7 @@ def sample_ddpm(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback
     added on the last step (z = 0 at t = 1)."""
     if variance not in ("posterior", "beta"):
         raise ValueError(f"variance must be 'posterior' or 'beta', not {variance!r}")
-    sigmas = _decreasing(sigmas.to(x.device), "ddpm")
+    sigmas = _decreasing(sigmas, "ddpm", x.device)
     x = x.to(torch.float64)
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -172,7 +192,8 @@ def sample_heun(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback
                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> Tensor:
     """Heun's 2nd-order method with optional churn (Karras et al. 2022, Algorithm 2). Two denoiser calls per
     step except the last (σ' = 0), which is an Euler step."""
-    sigmas = _check_sigmas(sigmas.to(x.device))
+    _check_options("heun", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    sigmas = _check_sigmas(sigmas, x.device)
     x = x.to(torch.float64)
     n = len(sigmas) - 1
     nfe = 0
@@ -208,7 +229,8 @@ def sample_euler_ancestral(denoiser, x: Tensor, sigmas: Tensor, *, generator=Non
     probability-flow ODE to σ_down followed by fresh noise σ_up, σ_down² + σ_up² = σ'² (Song et al. 2021's
     reverse SDE split into its drift and noise; η = 1 is DDPM's posterior variance, Ho et al. 2020).
     One denoiser call per step."""
-    sigmas = _decreasing(sigmas.to(x.device), "euler_ancestral")
+    _check_options("euler_ancestral", eta=eta, s_noise=s_noise)
+    sigmas = _decreasing(sigmas, "euler_ancestral", x.device)
     x = x.to(torch.float64)
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -247,7 +269,7 @@ def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, call
     is DDIM. `solver_type` "heun" takes the other second-order form (`_dpmpp_2m_update`). One denoiser call
     per step; deterministic, and runs on increasing grids (ODE inversion)."""
     _check_solver_type(solver_type)
-    sigmas = _check_sigmas(sigmas.to(x.device))
+    sigmas = _check_sigmas(sigmas, x.device)
     x = x.to(torch.float64)
     old, h_last = None, None
     for i in range(len(sigmas) - 1):
@@ -279,7 +301,7 @@ def sample_dpmpp_3m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, call
     `solver_type` is that of the order-2 steps (sample_dpmpp_2m). One denoiser call per step; deterministic;
     runs on increasing grids (where `lower_order_final` has no effect)."""
     _check_solver_type(solver_type)
-    sigmas = _check_sigmas(sigmas.to(x.device))
+    sigmas = _check_sigmas(sigmas, x.device)
     x = x.to(torch.float64)
     ds: list[Tensor] = []
     hs: list[float] = []
@@ -317,7 +339,8 @@ def sample_dpmpp_2m_sde(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, 
     form): the exact linear part of the reverse SDE with noise fraction η,
         x' = (σ'/σ)·e^{-ηh}·x - expm1(-(1+η)h)·D̂ + σ'·sqrt(-expm1(-2ηh))·z,
     with the second-order multistep correction of D̂. η = 0 is DPM-Solver++(2M). One call per step."""
-    sigmas = _decreasing(sigmas.to(x.device), "dpmpp_2m_sde")
+    _check_options("dpmpp_2m_sde", eta=eta, s_noise=s_noise)
+    sigmas = _decreasing(sigmas, "dpmpp_2m_sde", x.device)
     x = x.to(torch.float64)
     old, h_last = None, None
     for i in range(len(sigmas) - 1):
@@ -397,7 +420,8 @@ def sample_unipc(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callbac
     holds where ∂D/∂x ≈ I, i.e. when the last σ is small against the data's scale."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2', not {variant!r}")
-    sigmas = _check_sigmas(sigmas.to(x.device))
+    _check_options("unipc", order=order)
+    sigmas = _check_sigmas(sigmas, x.device)
     x = x.to(torch.float64)
     ms: list[Tensor] = []
     lams: list[float] = []
@@ -468,7 +492,8 @@ def sample_ipndm(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callbac
     increasing grids but is not offered for inversion (`invertible` False): there the steps grow and the
     extrapolated slopes overshoot — on the digits model, 10 levels, round-trip PSNR 3–16 dB at orders 2–4
     against 19 dB for Euler (order 1) and 41 dB for dpmpp_2m."""
-    sigmas = _check_sigmas(sigmas.to(x.device))
+    _check_options("ipndm", max_order=max_order)
+    sigmas = _check_sigmas(sigmas, x.device)
     x = x.to(torch.float64)
     slopes: list[Tensor] = []
     nodes: list[float] = []
@@ -491,7 +516,8 @@ def sample_pc(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=N
     then `corrector_steps` Langevin steps at σ', x ← x + ε·∇log p + sqrt(2ε)·z, with the step chosen per sample
     by the signal-to-noise rule ε = 2·(snr·‖z‖/‖∇log p‖)². The score is (D - x)/σ². The last step to σ = 0 is
     a denoise. NFE = steps + corrector_steps·(steps - 1)."""
-    sigmas = _decreasing(sigmas.to(x.device), "pc")
+    _check_options("pc", snr=snr, corrector_steps=corrector_steps)
+    sigmas = _decreasing(sigmas, "pc", x.device)
     x = x.to(torch.float64)
     nfe = 0
     for i in range(len(sigmas) - 1):
@@ -522,7 +548,8 @@ def sample_ald(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=
     `n_steps_each` Langevin steps x ← x + (α_i/2)·∇log p_σi(x) + sqrt(α_i)·z with α_i = ε·σ_i²/σ_L²; here
     `step_size` = ε/σ_L², so α_i = step_size·σ_i² whatever the grid. Ends with the denoising step
     x = D(x, σ_L) (Jolicoeur-Martineau et al. 2021). NFE = steps·n_steps_each + 1."""
-    sigmas = _decreasing(sigmas.to(x.device), "ald")
+    _check_options("ald", step_size=step_size, n_steps_each=n_steps_each)
+    sigmas = _decreasing(sigmas, "ald", x.device)
     x = x.to(torch.float64)
     nfe = 0
     n = len(sigmas) - 1
@@ -533,12 +560,13 @@ def sample_ald(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=
             d = _denoise(denoiser, x, sigmas[i])
             nfe += 1
             x = x + 0.5 * alpha * (d - x) / s**2 + math.sqrt(alpha) * randn_like(x, generator)
-        d = None
         if i == n - 1:
             d = _denoise(denoiser, x, sigmas[i])
             nfe += 1
             _callback(callback, i, sigmas, x, d, nfe)
             x = d
+        else:  # once per noise level, like every other sampler (not only at the final denoise)
+            _callback(callback, i, sigmas, x, d, nfe)
     return x
 
 
@@ -554,7 +582,8 @@ def sample_rk45(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback
     import numpy as np
     from scipy.integrate import solve_ivp
 
-    sigmas = _check_sigmas(sigmas.to(x.device))
+    _check_options("rk45", rtol=rtol, atol=atol)
+    sigmas = _check_sigmas(sigmas, x.device)
     decreasing = float(sigmas[-1]) == 0.0
     s0 = float(sigmas[0])
     s1 = float(sigmas[-2]) if decreasing else float(sigmas[-1])
@@ -578,8 +607,12 @@ def sample_rk45(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback
         y0 = sol.y[:, -1]
     x = torch.from_numpy(np.ascontiguousarray(y0)).reshape(shape).to(device)
     if decreasing:
-        x = _denoise(denoiser, x, sigmas[-2])
+        d = _denoise(denoiser, x, sigmas[-2])
         count[0] += 1
+        if callback is not None:  # the final denoise is a call too: the last callback's nfe is the true NFE
+            callback({"i": count[0] - 1, "sigma": float(sigmas[-2]), "sigma_next": 0.0, "x": x, "denoised": d,
+                      "nfe": count[0]})
+        x = d
     return x
 
 
@@ -589,7 +622,7 @@ def sample_consistency(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, c
     x0 = f(x, σ_0), then for each later level τ of the grid re-noise x = x0 + τ·z and jump again. One denoiser
     call per step; one step is the single-jump sampler. Only for consistency models (other denoisers return
     E[x0|x], which this sampler would treat as a sample)."""
-    sigmas = _decreasing(sigmas.to(x.device), "consistency")
+    sigmas = _decreasing(sigmas, "consistency", x.device)
     x = x.to(torch.float64)
     d = x
     for i in range(len(sigmas) - 1):
@@ -722,10 +755,15 @@ def get_sigmas(schedule: str, n: int, sigma_min: float, sigma_max: float, *, rho
     uniform  uniform in the process's own time, "trailing": the grid starts at the last time step
              (Lin et al. 2024); with n = T on a VP process it is exactly DDPM's T discrete steps
     """
+    if isinstance(n, bool) or not hasattr(type(n), "__index__"):  # linspace's TypeError on n = 2.5 says less
+        raise ValueError(f"n must be an integer number of steps, got {n!r}")
+    n = operator.index(n)  # int, numpy integer or integer 0-d tensor
     if n < 1:
         raise ValueError("a schedule needs n ≥ 1 steps")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if not 0 < sigma_min < sigma_max < math.inf:  # σmax = ∞ made a grid of NaNs
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+    if not rho > 0:  # ρ = 0 divides by zero; ρ < 0 is no longer Karras et al.'s ramp
+        raise ValueError(f"rho must be > 0, got {rho}")
     if schedule == "karras":
         ramp = torch.linspace(0, 1, n, dtype=torch.float64)
         lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)

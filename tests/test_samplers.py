@@ -344,3 +344,72 @@ def test_unipc_list_description_names_its_default_variant():
     assert inspect.signature(sample_unipc).parameters["variant"].default == "bh1"
     desc = SAMPLER_INFO["unipc"].description
     assert "B1" in desc and "bh2," not in desc
+
+
+# --- the Sampler contract from the outside: a plain function as the denoiser (DESIGN.md "Sampler") -------------
+_MU, _S2 = 0.3, 0.25  # data N(μ, s²I): E[x0 | x] = μ + s²/(s²+σ²)·(x - μ)
+
+
+def _gaussian_fn(seen: list):
+    def denoise(x, sigma, cond=None):
+        seen.append((x.dtype, x.ndim, sigma.dtype, tuple(sigma.shape) == (x.shape[0],), torch.is_grad_enabled()))
+        return _MU + _S2 / (_S2 + sigma.reshape(-1, 1, 1, 1) ** 2) * (x - _MU)
+    return denoise
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_INFO))
+def test_a_plain_function_denoiser_gets_the_contract_and_one_callback_per_step(name):
+    seen, infos = [], []
+    x = torch.randn(1, 2, 3, 5, generator=torch.Generator().manual_seed(0)) * 80  # float32, batch 1, not square
+    sigmas = get_sigmas("karras", 4, 0.002, 80.0).tolist()  # a plain list of floats is a 1-D grid too
+    out = SAMPLERS[name](_gaussian_fn(seen), x, sigmas, generator=torch.Generator().manual_seed(1),
+                         callback=infos.append)
+    assert out.shape == x.shape and not out.requires_grad and torch.isfinite(out).all()
+    assert set(seen) == {(torch.float32, 4, torch.float32, True, False)}
+    # the last callback's nfe is every denoiser call (rk45 left out its final denoise); one callback per step
+    # of the grid (ald called it only once, at its final denoise) except for the adaptive solver
+    assert infos[-1]["nfe"] == len(seen)
+    if not SAMPLER_INFO[name].adaptive:
+        assert [d["i"] for d in infos] == [0, 1, 2, 3] and len(seen) == SAMPLER_INFO[name].nfe(4)
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_INFO))
+def test_non_finite_sigmas_are_a_value_error(name):
+    """σ0 = ∞ passed the order checks: NaN samples from most samplers, an endless solve from rk45."""
+    for bad in ([math.inf, 1.0, 0.0], [10.0, math.nan, 0.0]):
+        with pytest.raises(ValueError, match="finite"):
+            SAMPLERS[name](_gaussian_fn([]), torch.zeros(1, 1, 2, 2), torch.tensor(bad))
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("ipndm", {"max_order": 0}),  # kept every earlier slope ([-0:] is the whole list), silently
+    ("unipc", {"order": 0}), ("unipc", {"order": 6}),  # linalg / KeyError deep inside
+    ("ddim", {"eta": 1.5}), ("euler_ancestral", {"eta": -0.1}), ("dpmpp_2m_sde", {"s_noise": -1.0}),
+    ("heun", {"s_churn": -1.0}), ("pc", {"snr": 0.0}), ("ald", {"n_steps_each": 0}), ("rk45", {"rtol": 0.0}),
+])
+def test_out_of_range_options_are_a_value_error_in_python_too(name, opts):
+    with pytest.raises(ValueError, match=next(iter(opts))):
+        SAMPLERS[name](_gaussian_fn([]), torch.zeros(1, 1, 2, 2), get_sigmas("karras", 3, 0.002, 80.0), **opts)
+
+
+@pytest.mark.parametrize("args,kw,match", [
+    (("karras", 5, 0.002, math.inf), {}, "sigma_max"),  # was a grid of NaNs
+    (("logsnr", 5, 0.002, math.inf), {}, "sigma_max"),
+    (("karras", 5, 0.002, 80.0), {"rho": 0.0}, "rho"),  # was ZeroDivisionError
+    (("karras", 5, 0.002, 80.0), {"rho": -1.0}, "rho"),
+    (("karras", 2.5, 0.002, 80.0), {}, "integer"),  # was linspace's TypeError
+    (("karras", True, 0.002, 80.0), {}, "integer"),
+    (("karras", 0, 0.002, 80.0), {}, "n ≥ 1"),
+    (("nope", 5, 0.002, 80.0), {}, "unknown schedule"),
+])
+def test_get_sigmas_refuses_bad_arguments_with_a_value_error(args, kw, match):
+    with pytest.raises(ValueError, match=match):
+        get_sigmas(*args, **kw)
+
+
+def test_get_sigmas_takes_any_integer_n():
+    import numpy as np
+
+    for n in (np.int64(5), torch.tensor(5)):
+        g = get_sigmas("karras", n, 0.002, 80.0)
+        assert len(g) == 6 and float(g[0]) == pytest.approx(80.0) and g[-1] == 0
