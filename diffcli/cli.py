@@ -413,7 +413,7 @@ def encode(
     inputs: Optional[List[Path]] = typer.Argument(None, help="Image files or folders to encode."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     solver: Optional[str] = typer.Option(None, "--solver", help="Deterministic sampler run as ODE solver "
-                                         "(default: unipc; with --decode: the latents file's)."),
+                                         "(default: dpmpp_2m; with --decode: the latents file's)."),
     nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser calls per decode (default: 100)."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (adaptive solvers)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="σ spacing: karras | logsnr | logsnr_leading | "

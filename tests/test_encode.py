@@ -464,3 +464,20 @@ def test_a_diverged_inversion_and_a_student_are_flagged(tiny_ckpt, digit_pngs, t
                        E.EncodeSettings(nfe=4), device=torch.device("cpu"), log=said.append)
     assert not any("inversion diverged" in w for w in rec["warnings"]), rec["warnings"]
     assert any("consistency student" in w for w in rec["warnings"])
+
+
+def test_cli_default_solver_and_a_poor_round_trip_warns(tiny_ckpt, digit_pngs, tmp_path, monkeypatch, capsys):
+    """The default inversion is DPM-Solver++(2M); a round trip below POOR_ROUND_TRIP_DB is flagged even when the
+    latents look normal (here the threshold is raised so that this short run's round trip counts as poor)."""
+    from diffcli import encode as enc
+    from diffcli.cli import main
+
+    assert enc.DEFAULT_SOLVER == "dpmpp_2m"
+    monkeypatch.setattr(enc, "POOR_ROUND_TRIP_DB", 1e9)
+    out = tmp_path / "e"
+    assert main(["encode", str(tiny_ckpt), str(digit_pngs / "d0.png"), "--nfe", "6", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    rec = json.loads((out / "encode.json").read_text())
+    assert rec["solver"] == "dpmpp_2m"
+    assert any(w.startswith("round-trip PSNR") and "dpmpp_2m on 6 noise levels" in w for w in rec["warnings"])
+    assert "warning: round-trip PSNR" in capsys.readouterr().err
