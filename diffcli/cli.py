@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import List, Optional
@@ -687,6 +688,9 @@ def _terminate_like_ctrl_c() -> None:
         pass
 
 
+RANK_ERROR_GRACE_S = 10.0  # how long a rank > 0 waits for rank 0 to report the bad input both met
+
+
 def _out_of_memory(e: BaseException) -> str | None:
     """One line for an allocation that failed (a runtime failure, exit 1: what was written before stays), or
     None when `e` is something else. torch reports a failed CPU allocation as a RuntimeError
@@ -731,6 +735,13 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code
         if os.environ.get("RANK", "0") != "0" and isinstance(e, (UserError, Interrupted)):
             # under torchrun every rank meets the same bad input and the same signal: rank 0 says it, once
+            if isinstance(e, UserError):
+                # and says it first: a rank that exits before rank 0 reached the error has torchrun stop rank 0
+                # (SIGTERM), which then reports "interrupted" instead of the bad input
+                try:
+                    time.sleep(RANK_ERROR_GRACE_S)
+                except KeyboardInterrupt:  # torchrun's stop once rank 0 has exited: the code is still ours
+                    pass
             return e.exit_code
         if debug:  # the traceback, and still the exit code scripts rely on
             traceback.print_exc()

@@ -139,6 +139,8 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         run(args)
     except ChildFailedError as e:
         codes = [f.exitcode for f in e.failures.values() if f.exitcode is not None and f.exitcode > 0]
+        if 2 in codes:  # a worker's bad input is the verdict; the others' 143 is torchrun stopping them after it
+            return 2
         return max(codes) if codes else 1
     except SignalException as e:
         return 128 + int(e.sigval)
