@@ -42,6 +42,7 @@ class ImageData:
     class_names: list[str] = field(default_factory=list)
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)  # the first few skipped files and why
+    notes: list[str] = field(default_factory=list)  # what the loader decided that the user should hear
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.dataset)
@@ -252,6 +253,14 @@ def _load_imagefolder(cfg: DataConfig) -> ImageData:
         raise UserError(f"data.path = {cfg.path!r}: holds no images ({', '.join(sorted(IMAGE_EXTS))})")
     parents = {f.parent for f in files}
     labelled = cfg.class_conditional and all(f.parent.parent == root for f in files) and len(parents) > 1
+    notes = []
+    if cfg.class_conditional and not labelled and len(parents) > 1:
+        # labels come from one level of class folders; a mixed layout trains unconditionally — say so, or a
+        # user who asked for classes finds out only when `--class` is refused
+        odd = next(f for f in files if f.parent.parent != root)
+        notes.append(f"data.class_conditional = true, but not every image is one folder below data.path (e.g. "
+                     f"{odd.relative_to(root)}): training without labels; put the images in data.path/CLASS/ for "
+                     f"labels, or set data.class_conditional = false")
     class_names = sorted(p.name for p in parents) if labelled else []
     labels = [class_names.index(f.parent.name) for f in files] if labelled else None
     channels, size = _common_format(files)
@@ -259,7 +268,9 @@ def _load_imagefolder(cfg: DataConfig) -> ImageData:
         raise UserError(f"data.path = {cfg.path!r}: no readable images")
     res = cfg.resolution or size
     ds = FileImages(files, labels, channels, res)
-    return _materialise("imagefolder", ds, len(class_names), class_names, cfg.on_bad_image == "skip")
+    data = _materialise("imagefolder", ds, len(class_names), class_names, cfg.on_bad_image == "skip")
+    data.notes.extend(notes)
+    return data
 
 
 PROBE_FILES = 1000  # files looked at (evenly spaced) to find a folder's channel count and size

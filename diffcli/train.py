@@ -469,6 +469,8 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = Fals
     if not world.is_main:
         recipe = prepare_run_folder(out, recipe, resume=resume, force=False)
     t = recipe.train
+    for note in data.notes:
+        log(f"note: {note}")
     if data.skipped:
         # name them: "unreadable" alone hides that a file was skipped for its channel count, or which one
         why = "; ".join(data.skipped_reasons) + ("; …" if data.skipped > len(data.skipped_reasons) else "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -145,6 +147,18 @@ def test_imagefolder_ignores_hidden_files_and_folders(tmp_path):
     _img(tmp_path / "b" / ".ipynb_checkpoints" / "1-checkpoint.png", (8, 8), (0, 0, 255))
     d = load_dataset(DataConfig(name="imagefolder", path=str(tmp_path)))
     assert len(d) == 2 and d.class_names == ["a", "b"] and d.labels.tolist() == [0, 1]
+
+
+def test_imagefolder_mixed_depths_train_unlabelled_and_say_so(tmp_path):
+    """Labels come from one level of class folders: images at other depths drop them, with a note naming one."""
+    _img(tmp_path / "a" / "1.png", (8, 8), (255, 0, 0))
+    _img(tmp_path / "b" / "deeper" / "1.png", (8, 8), (0, 255, 0))
+    d = load_dataset(DataConfig(name="imagefolder", path=str(tmp_path)))
+    assert d.num_classes == 0 and d.labels is None
+    assert len(d.notes) == 1 and str(Path("b") / "deeper" / "1.png") in d.notes[0]
+    flat = tmp_path / "flat"
+    _img(flat / "1.png", (8, 8), (255, 0, 0))
+    assert load_dataset(DataConfig(name="imagefolder", path=str(flat))).notes == []  # one folder: nothing to say
 
 
 def test_celeba_image_smaller_than_the_crop_is_refused(tmp_path):
